@@ -234,7 +234,8 @@ SD_VAE = VAEConfig(scaling_factor=0.18215)
 SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 
 CLIP_L_TEXT = CLIPTextConfig(width=768, layers=12, heads=12, mlp_dim=3072, activation="quick_gelu")
-OPENCLIP_H_TEXT = CLIPTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096, activation="gelu")
+# The official SD 2.x files carry all 24 blocks and the projection; SD 2.x reads block 23 (+ final LN).
+OPENCLIP_H_TEXT = CLIPTextConfig(width=1024, layers=24, heads=16, mlp_dim=4096, activation="gelu", projection_dim=1024)
 OPENCLIP_BIGG_TEXT = CLIPTextConfig(
     width=1280, layers=32, heads=20, mlp_dim=5120, activation="gelu", projection_dim=1280
 )
@@ -298,9 +299,24 @@ TINY_SD15 = ModelConfig(
     text_encoders=(TextEncoderSpec(_TINY_TEXT_A, layer=3, final_norm=True, pad_id=PAD_EOS),),
 )
 
+TINY_REFINER = ModelConfig(
+    name="tiny-refiner", family="sdxl-refiner", resolution=64, vae=_TINY_VAE,
+    unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2, 2), transformer_depth=(0, 1, 1, 0), mid_transformer_depth=1,
+        num_heads=None, head_dim=16, context_dim=48, linear_proj=True, vector_dim=48 + 5 * 256, norm_groups=8,
+    ),
+    text_encoders=(TextEncoderSpec(_TINY_TEXT_B, layer=2, final_norm=False, pad_id=PAD_ZERO, pooled=True),),
+)
+TINY_SD21 = ModelConfig(
+    name="tiny-sd21", family="sd2", resolution=64, prediction="v", vae=TINY_SD15.vae,
+    unet=dataclasses.replace(TINY_SD15.unet, num_heads=None, head_dim=16, context_dim=48, linear_proj=True),
+    text_encoders=(TextEncoderSpec(_TINY_TEXT_B, layer=2, final_norm=True, pad_id=PAD_ZERO),),
+)
+
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
-    for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER, TINY_SDXL, TINY_SD15)
+    for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER,
+              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21)
 }
 PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512)
 

@@ -1,0 +1,19 @@
+import gc
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/refconfigs.py is shared by the test modules
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Full-size references take several GB: make sure nothing of the previous test survives."""
+    yield
+    gc.collect()
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
