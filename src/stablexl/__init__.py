@@ -1,0 +1,3 @@
+"""stablexl: Stable Diffusion XL, from scratch in PyTorch."""
+
+__version__ = "0.1.0"

@@ -19,12 +19,6 @@ pytestmark = pytest.mark.fullsize
 TOL = 1e-4
 
 
-def _free(*objs):
-    for o in objs:
-        del o
-    gc.collect()
-
-
 @pytest.mark.parametrize("name", list(R.UNETS))
 def test_unet_parity(name, tmp_path):
     from diffusers import UNet2DConditionModel
@@ -58,7 +52,8 @@ def test_unet_parity(name, tmp_path):
     with torch.no_grad():
         want = ref(x, t, encoder_hidden_states=ctx, **kwargs).sample
     ref.save_pretrained(tmp_path / "unet")
-    _free(ref)
+    del ref
+    gc.collect()
 
     ours = load_component(tmp_path / "unet")
     assert ours.config == preset.unet, "config.json translated to a config different from the preset"
@@ -84,7 +79,8 @@ def test_vae_parity(tmp_path):
         want_mean, want_logvar = post.mean, post.logvar
         want_dec = ref.decode(z).sample
     ref.save_pretrained(tmp_path / "vae")
-    _free(ref, post)
+    del ref, post
+    gc.collect()
 
     ours = load_component(tmp_path / "vae")
     assert ours.config == PRESETS["sdxl-base"].vae
@@ -123,7 +119,8 @@ def test_text_encoder_parity(which, tmp_path):
         if which == "openclip-bigg":
             want["pooled"] = out.text_embeds
     ref.save_pretrained(tmp_path / "te", safe_serialization=True)
-    _free(ref, out)
+    del ref, out
+    gc.collect()
 
     ours = load_component(tmp_path / "te")
     with torch.no_grad():
@@ -147,7 +144,8 @@ def test_vision_encoder_parity(which, tmp_path):
     with torch.no_grad():
         want = ref(pixel_values=pixels).image_embeds
     ref.save_pretrained(tmp_path / "ie", safe_serialization=True)
-    _free(ref)
+    del ref
+    gc.collect()
 
     ours = load_component(tmp_path / "ie")
     preset = PRESETS["sd21-unclip-l" if which == "clip-l" else "sd21-unclip-h"]

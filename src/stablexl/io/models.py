@@ -324,8 +324,8 @@ def save_model(parts: ModelParts, out: str | os.PathLike, fmt: Format = "stablex
     raise ValueError(f"unknown format {fmt!r}; use stablexl, single-file or diffusers")
 
 
-def _save_diffusers(parts: ModelParts, root: Path, cast) -> None:
-    config = parts.config
+def write_diffusers_configs(config: ModelConfig, root: Path) -> None:
+    """model_index.json, every component's config.json, tokenizers and scheduler: a diffusers folder minus weights."""
     root.mkdir(parents=True, exist_ok=True)
     sample = config.resolution // config.vae.downsample_factor
 
@@ -336,22 +336,31 @@ def _save_diffusers(parts: ModelParts, root: Path, cast) -> None:
     write_json(root / "model_index.json", dfmt.model_index_for(config))
     write_json(root / "scheduler" / "scheduler_config.json", dfmt.scheduler_config_for(config))
     write_json(root / "unet" / "config.json", dfmt.unet_to_diffusers(config.unet, config.family, sample))
-    atomic_save_safetensors({k: cast(v) for k, v in parts.unet.state_dict().items()},
-                            root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     write_json(root / "vae" / "config.json", dfmt.vae_to_diffusers(config.vae, config.resolution))
-    atomic_save_safetensors({k: cast(v) for k, v in parts.vae.state_dict().items()},
-                            root / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    for te, spec, (folder, tok) in zip(parts.text_encoders, config.text_encoders, dfmt.text_folders(config)):
-        text_cfg, sd = spec.config, te.state_dict()
-        if spec.final_norm and spec.layer < text_cfg.layers:
-            # diffusers reads the last block + final LN, so keep only the blocks this model reads, as its
-            # converter does for SD 2.x (blocks after 23 and the unused projection are dropped).
-            text_cfg = dataclasses.replace(text_cfg, layers=spec.layer, projection_dim=0)
-            sd = {k: v for k, v in sd.items() if not k.startswith("text_projection.")
-                  and not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= spec.layer)}
-        write_json(root / folder / "config.json", dfmt.text_to_transformers(text_cfg))
-        sd = {(k if k.startswith("text_projection.") else f"text_model.{k}"): cast(v) for k, v in sd.items()}
-        atomic_save_safetensors(sd, root / folder / "model.safetensors", {"format": "pt"})
+    for spec, (folder, tok) in zip(config.text_encoders, dfmt.text_folders(config)):
+        write_json(root / folder / "config.json", dfmt.text_to_transformers(_diffusers_text_config(spec)))
         (root / tok).mkdir(parents=True, exist_ok=True)
         for name, text in dfmt.tokenizer_files(spec.pad_id).items():
             (root / tok / name).write_text(text)
+
+
+def _diffusers_text_config(spec):
+    """diffusers reads the last block + final LN, so SD 2.x keeps only the blocks it reads (as its converter does)."""
+    if spec.final_norm and spec.layer < spec.config.layers:
+        return dataclasses.replace(spec.config, layers=spec.layer, projection_dim=0)
+    return spec.config
+
+
+def _save_diffusers(parts: ModelParts, root: Path, cast) -> None:
+    config = parts.config
+    write_diffusers_configs(config, root)
+    atomic_save_safetensors({k: cast(v) for k, v in parts.unet.state_dict().items()},
+                            root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    atomic_save_safetensors({k: cast(v) for k, v in parts.vae.state_dict().items()},
+                            root / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    for te, spec, (folder, _tok) in zip(parts.text_encoders, config.text_encoders, dfmt.text_folders(config)):
+        text_cfg, sd = _diffusers_text_config(spec), te.state_dict()
+        sd = {k: v for k, v in sd.items() if not (k.startswith("text_projection.") and not text_cfg.projection_dim)
+              and not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= text_cfg.layers)}
+        sd = {(k if k.startswith("text_projection.") else f"text_model.{k}"): cast(v) for k, v in sd.items()}
+        atomic_save_safetensors(sd, root / folder / "model.safetensors", {"format": "pt"})
