@@ -22,11 +22,77 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class ProgressBar:
+    """A one-line progress bar on stderr with steps/s and ETA."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream, self.t0 = label, stream, time.perf_counter()
+
+    def __call__(self, i: int, n: int, *_):
+        done = i + 1
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        eta = (n - done) / rate if rate > 0 else 0.0
+        bar = "#" * int(30 * done / n)
+        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{n} {rate:.2f} steps/s ETA {eta:.0f}s")
+        if done == n:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _output_paths(output: str, n: int) -> list[str]:
+    if n == 1:
+        return [output]
+    stem, dot, ext = output.rpartition(".")
+    return [f"{stem}-{k}.{ext}" if dot else f"{output}-{k}" for k in range(n)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .io.metadata import generation_infotext, save_png
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    for note in pipe.parts.notes:
+        print(note)
+    result = pipe(
+        args.prompt, args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width,
+        height=args.height, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
+        guidance_rescale=args.guidance_rescale, callback=None if args.quiet else ProgressBar("generate"),
+    )
+    for note in result.notes[len(pipe.parts.notes):]:
+        print(note)
+    for k, (img, path) in enumerate(zip(result.images, _output_paths(args.output, len(result.images)))):
+        save_png(img, path, generation_infotext(result.settings, k))
+        print(f"wrote {path} (seed {result.seeds[k]})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stablexl", description="Stable Diffusion XL, from scratch in PyTorch.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--version", action="version", version=f"stablexl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="text-to-image", description="Generate images from a prompt.")
+    g.add_argument("prompt")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (SDXL: none = zeroed uncond)")
+    g.add_argument("--model", default="tiny-sdxl",
+                   help="checkpoint file, diffusers folder, HF cache id, or a tiny-* preset (random weights)")
+    g.add_argument("--sampler", default=None, help="ddpm ddim euler euler_ancestral heun dpmpp_2m dpmpp_2m_sde lcm, "
+                                                   "or an A1111 name like 'DPM++ 2M Karras' (default: per model)")
+    g.add_argument("--schedule", default=None, help="leading trailing linspace karras exponential (default: per model)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: per model)")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (<= 1 disables it)")
+    g.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (0.7 suggested)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image; image k uses seed + k")
+    g.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's resolution)")
+    g.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's resolution)")
+    g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
+    g.add_argument("--output", default="output.png", help="PNG path; with --batch N, -0 -1 ... are appended")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_generate)
 
     c = sub.add_parser(
         "convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -82,9 +82,9 @@ def unet_from_diffusers(d: dict[str, Any], where: str = "unet/config.json") -> U
     heads = [heads] * n if isinstance(heads, int) else list(heads)
     levels = [i for i in range(n) if attn[i]] + [n - 1]  # attention levels and the mid block (uses the last entry)
     num_heads = head_dim = None
-    if len({heads[i] for i in levels}) == 1:
-        num_heads = heads[levels[0]]
-    elif len({bc[i] // heads[i] for i in levels}) == 1:
+    if len(set(heads)) == 1:  # one head count everywhere (SD 1.x writes an int)
+        num_heads = heads[0]
+    elif len({bc[i] // heads[i] for i in levels}) == 1:  # per-level counts of one width (SD 2.x, SDXL: 64)
         head_dim = bc[levels[0]] // heads[levels[0]]
     else:
         raise _err(where, f"attention heads {heads} give neither a fixed head count nor a fixed head width")
@@ -360,6 +360,8 @@ def scheduler_config_for(config: ModelConfig) -> dict[str, Any]:
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction" if config.prediction == "v" else "epsilon",
         "timestep_spacing": "leading", "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False,
+        # as in the hub SD/SDXL scheduler configs, so other schedulers built from this one behave as there
+        "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0,
     }
 
 
