@@ -313,10 +313,21 @@ TINY_SD21 = ModelConfig(
     text_encoders=(TextEncoderSpec(_TINY_TEXT_B, layer=2, final_norm=True, pad_id=PAD_ZERO),),
 )
 
+TINY_UNCLIP = ModelConfig(
+    name="tiny-unclip", family="sd2-unclip", resolution=64, prediction="v", vae=TINY_SD15.vae,
+    unet=dataclasses.replace(TINY_SD21.unet, vector_dim=2 * 24),
+    text_encoders=TINY_SD21.text_encoders,
+    unclip=UnCLIPConfig(
+        vision=CLIPVisionConfig(image_size=28, patch_size=14, width=32, layers=2, heads=2, mlp_dim=64,
+                                activation="gelu", projection_dim=24),
+        embed_dim=24,
+    ),
+)
+
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER,
-              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21)
+              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP)
 }
 PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512)
 

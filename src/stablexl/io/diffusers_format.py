@@ -350,7 +350,34 @@ def model_index_for(config: ModelConfig) -> dict[str, Any]:
         return {"_class_name": "StableDiffusionPipeline", **common, "text_encoder": te(config.text_encoders[0].config),
                 "tokenizer": tok, "safety_checker": nul, "feature_extractor": nul, "image_encoder": nul,
                 "requires_safety_checker": False}
-    raise ValueError(f"writing a diffusers folder for family {f!r} is not supported yet")
+    if f == "sd2-unclip":
+        return {"_class_name": "StableUnCLIPImg2ImgPipeline", **common,
+                "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": te(config.text_encoders[0].config),
+                "tokenizer": tok, "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+                "feature_extractor": ["transformers", "CLIPImageProcessor"],
+                "image_normalizer": ["stable_diffusion", "StableUnCLIPImageNormalizer"],
+                "image_noising_scheduler": ["diffusers", "DDPMScheduler"]}
+    raise ValueError(f"writing a diffusers folder for family {f!r} is not supported")
+
+
+def unclip_extra_configs(config: ModelConfig) -> dict[str, dict[str, Any]]:
+    """The unCLIP-only config files (relative path -> JSON), as in the hub unCLIP repos (reference §6)."""
+    assert config.unclip is not None
+    v = config.unclip.vision
+    return {
+        "image_encoder/config.json": vision_to_transformers(v),
+        "image_normalizer/config.json": {"_class_name": "StableUnCLIPImageNormalizer", "_diffusers_version": DIFFUSERS_VERSION,
+                                         "embedding_dim": config.unclip.embed_dim},
+        "image_noising_scheduler/scheduler_config.json": {
+            "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": 1000,
+            "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": True,
+            "prediction_type": "epsilon", "variance_type": "fixed_small"},
+        "feature_extractor/preprocessor_config.json": {
+            "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": v.image_size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.mean),
+            "image_std": list(v.std), "do_convert_rgb": True},
+    }
 
 
 def scheduler_config_for(config: ModelConfig) -> dict[str, Any]:

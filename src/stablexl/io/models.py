@@ -144,7 +144,8 @@ def _load_file(source: TensorSource, dtype, device, config: ModelConfig | None) 
         layout = "stablexl"
     if config is None:
         config = detect_single_file(source)
-    parts = build_parts(config, device="meta")
+    has_image_encoder = layout == "stablexl" and any(k.startswith("image_encoder.") for k in source.keys())
+    parts = build_parts(config, device="meta", with_image_encoder=has_image_encoder)
     plans = plans_for(parts, layout, source)
     skipped = check_plans(source, plans)
     load_plans(source, plans, dtype, device)
@@ -337,6 +338,9 @@ def write_diffusers_configs(config: ModelConfig, root: Path) -> None:
     write_json(root / "scheduler" / "scheduler_config.json", dfmt.scheduler_config_for(config))
     write_json(root / "unet" / "config.json", dfmt.unet_to_diffusers(config.unet, config.family, sample))
     write_json(root / "vae" / "config.json", dfmt.vae_to_diffusers(config.vae, config.resolution))
+    if config.unclip is not None:
+        for rel, data in dfmt.unclip_extra_configs(config).items():
+            write_json(root / rel, data)
     for spec, (folder, tok) in zip(config.text_encoders, dfmt.text_folders(config)):
         write_json(root / folder / "config.json", dfmt.text_to_transformers(_diffusers_text_config(spec)))
         (root / tok).mkdir(parents=True, exist_ok=True)
@@ -354,10 +358,27 @@ def _diffusers_text_config(spec):
 def _save_diffusers(parts: ModelParts, root: Path, cast) -> None:
     config = parts.config
     write_diffusers_configs(config, root)
-    atomic_save_safetensors({k: cast(v) for k, v in parts.unet.state_dict().items()},
-                            root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    sample = config.resolution // config.vae.downsample_factor
+    renames = {ours: theirs for theirs, ours in
+               dfmt.unet_key_renames(dfmt.unet_to_diffusers(config.unet, config.family, sample)).items()}
+    unet_sd = {}
+    for k, v in parts.unet.state_dict().items():
+        for ours, theirs in renames.items():
+            if k.startswith(ours):
+                k = theirs + k[len(ours):]
+        unet_sd[k] = cast(v)
+    atomic_save_safetensors(unet_sd, root / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     atomic_save_safetensors({k: cast(v) for k, v in parts.vae.state_dict().items()},
                             root / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    if config.unclip is not None:
+        if parts.image_encoder is None or parts.image_normalizer is None:
+            raise ValueError("an unCLIP diffusers folder needs the image encoder and normalizer; load them first "
+                             "(official unCLIP single files do not contain the image encoder)")
+        sd = {("visual_projection.weight" if k == "visual_projection.weight" else f"vision_model.{k}"): cast(v)
+              for k, v in parts.image_encoder.state_dict().items()}
+        atomic_save_safetensors(sd, root / "image_encoder" / "model.safetensors", {"format": "pt"})
+        atomic_save_safetensors({k: cast(v) for k, v in parts.image_normalizer.state_dict().items()},
+                                root / "image_normalizer" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     for te, spec, (folder, _tok) in zip(parts.text_encoders, config.text_encoders, dfmt.text_folders(config)):
         text_cfg, sd = _diffusers_text_config(spec), te.state_dict()
         sd = {k: v for k, v in sd.items() if not (k.startswith("text_projection.") and not text_cfg.projection_dim)
