@@ -50,3 +50,117 @@ def test_batch_image_equals_single_seed_run(sdxl_folder):
     # equal up to float reassociation across batch sizes
     assert R.rel_err(batch.latents[1:2], alone.latents) <= 1e-5
     assert R.rel_err(batch.latents[0:1], alone.latents) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    g = torch.Generator().manual_seed(21)
+    arr = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+    from PIL import Image
+
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def mask_image():
+    from PIL import Image
+
+    m = torch.zeros(64, 64, dtype=torch.uint8)
+    m[16:48, 8:40] = 255
+    return Image.fromarray(m.numpy(), mode="L")
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral"])
+def test_sdxl_img2img_matches_diffusers(sdxl_folder, init_image, strength, sampler):
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_folder)
+    ref.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    want = ref(["a red apple"] * 2, image=init_image, strength=strength, num_inference_steps=10, guidance_scale=5.0,
+               generator=gens, output_type="latent").images
+    got = Pipeline.from_pretrained(sdxl_folder)("a red apple", init_image=init_image, strength=strength, steps=10, cfg=5.0,
+                                                seed=3, batch=2, sampler=sampler, schedule="leading")
+    err = R.rel_err(got.latents, want)
+    print(f"img2img {sampler} strength {strength}: latent rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_img2img_too_few_steps_is_a_clear_error(sdxl_folder, init_image):
+    with pytest.raises(ValueError, match="steps x strength = 2 x 0.3 < 1"):
+        Pipeline.from_pretrained(sdxl_folder)("x", init_image=init_image, strength=0.3, steps=2)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_sdxl_inpaint_4ch_matches_diffusers(sdxl_folder, init_image, mask_image, strength):
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_folder)
+    ref.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(5)]
+    want = ref("a red apple", image=init_image, mask_image=mask_image, strength=strength, num_inference_steps=8,
+               guidance_scale=5.0, generator=gens, output_type="latent").images
+    pipe = Pipeline.from_pretrained(sdxl_folder)
+    got = pipe("a red apple", init_image=init_image, mask=mask_image, strength=strength, steps=8, cfg=5.0, seed=5,
+               sampler="euler", schedule="leading", output_type="latent")
+    err = R.rel_err(got.latents, want)
+    print(f"inpaint 4ch strength {strength}: latent rel err {err:.2e}")
+    assert err <= 1e-4
+    # decoded: pixels outside the mask are the original image's
+    out = pipe("a red apple", init_image=init_image, mask=mask_image, strength=strength, steps=8, seed=5)
+    import numpy as np
+
+    a, b, m = np.asarray(out.images[0]), np.asarray(init_image), np.asarray(mask_image) < 128
+    assert np.array_equal(a[m], b[m])
+
+
+def test_inpaint_9ch_matches_diffusers(tmp_path, init_image, mask_image):
+    import dataclasses
+
+    import diffusers
+
+    from stablexl.config import TINY_SD15
+    from stablexl.models.parts import build_parts
+
+    cfg = dataclasses.replace(TINY_SD15, name="tiny-sd15-inpaint", unet=dataclasses.replace(TINY_SD15.unet, in_channels=9))
+    torch.manual_seed(9)
+    parts = build_parts(cfg, device="cpu")
+    with torch.no_grad():
+        for m in parts.modules().values():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    save_model(parts, tmp_path / "inpaint", "diffusers")
+    ref = diffusers.StableDiffusionInpaintPipeline.from_pretrained(tmp_path / "inpaint", safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a red apple", image=init_image, mask_image=mask_image, num_inference_steps=6, guidance_scale=7.5,
+               generator=[torch.Generator().manual_seed(6)], output_type="latent", height=64, width=64).images
+    got = Pipeline.from_pretrained(tmp_path / "inpaint")("a red apple", init_image=init_image, mask=mask_image, steps=6,
+                                                         cfg=7.5, seed=6, sampler="euler", schedule="leading",
+                                                         output_type="latent")
+    err = R.rel_err(got.latents, want)
+    print(f"inpaint 9ch: latent rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_base_to_refiner_handoff_matches_diffusers(sdxl_folder, tmp_path):
+    import diffusers
+
+    save_model(random_parts("tiny-refiner", seed=6), tmp_path / "refiner", "diffusers")
+    base_ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ref_ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(tmp_path / "refiner")
+    for p in (base_ref, ref_ref):
+        p.set_progress_bar_config(disable=True)
+    g = [torch.Generator().manual_seed(13)]
+    lat = base_ref("a red apple", num_inference_steps=10, denoising_end=0.8, guidance_scale=5.0, height=64, width=64,
+                   generator=g, output_type="latent").images
+    want = ref_ref("a red apple", image=lat, num_inference_steps=10, denoising_start=0.8, guidance_scale=5.0,
+                   generator=g, output_type="latent").images
+    base, refiner = Pipeline.from_pretrained(sdxl_folder), Pipeline.from_pretrained(tmp_path / "refiner")
+    got = base.refine(refiner, "a red apple", switch_at=0.8, steps=10, cfg=5.0, seed=13, sampler="euler",
+                      schedule="leading", width=64, height=64)
+    err = R.rel_err(got.latents, want)
+    print(f"base -> refiner at 0.8: latent rel err {err:.2e}")
+    assert err <= 1e-4
+    assert len(got.images) == 1

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -87,6 +88,7 @@ class GenerationResult:
     seeds: list[int]
     settings: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    noise: "SeededNoise | None" = None  # the generators, to continue them in a refiner stage
 
 
 def latents_to_images(t: Tensor) -> list[Image.Image]:
@@ -177,25 +179,96 @@ class Pipeline:
                 raise ValueError(f"{name} must be a positive multiple of {f}, got {v!r}; "
                                  f"try {max(f, round(v / f) * f) if isinstance(v, (int, float)) else 64}")
 
+    def step_range(self, steps: int, sigmas: Tensor, strength: float | None, denoising_start: float | None,
+                   denoising_end: float | None) -> tuple[int, int]:
+        """[first, last] step indices to run (diffusers semantics, reference §5.4-5.5).
+
+        strength s: int(n·s) steps run, the last ones (img2img / inpainting). denoising_end / _start = f:
+        the base runs the steps whose timestep t >= round(1000 − 1000·f), the refiner the rest.
+        """
+        first, last = 0, steps
+        if strength is not None:
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength must be in (0, 1], got {strength}")
+            run = min(int(steps * strength), steps)
+            if run < 1:
+                raise ValueError(f"steps x strength = {steps} x {strength} < 1 leaves no step to run; raise --steps "
+                                 f"to at least {math.ceil(1 / strength)} or raise --strength")
+            first = steps - run
+        t = self.schedule.sigma_to_t(sigmas[:-1]).round()
+        n_train = self.schedule.num_train_timesteps
+        for name, frac in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if frac is not None and not 0.0 < frac < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {frac}")
+        if denoising_end is not None:
+            cutoff = int(round(n_train - denoising_end * n_train))
+            last = int((t >= cutoff).sum())
+        if denoising_start is not None:
+            cutoff = int(round(n_train - denoising_start * n_train))
+            first = steps - int((t < cutoff).sum())
+        if first >= last:
+            raise ValueError(f"no steps left to run between step {first} and {last} of {steps}; check strength / "
+                             "denoising_start / denoising_end")
+        return first, last
+
+    @torch.no_grad()
+    def encode_image(self, image: Tensor, noise: SeededNoise) -> Tensor:
+        """[-1, 1] image (1 or B, 3, H, W) -> scaled latents, a posterior sample per batch element drawn from
+        that element's generator (diffusers `retrieve_latents(..., sample_mode="sample")`)."""
+        vae = self.parts.vae
+        post = vae.encode(image.to(vae.dtype))
+        b = len(noise.generators)
+        mean, std = post.mean.float(), post.std.float()
+        if mean.shape[0] == 1 and b > 1:
+            mean, std = mean.expand(b, -1, -1, -1), std.expand(b, -1, -1, -1)
+        return (mean + std * noise()) * self.config.vae.scaling_factor
+
     @torch.no_grad()
     def __call__(
         self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *, steps: int | None = None,
         cfg: float | None = None, seed: int | None = None, width: int | None = None, height: int | None = None,
         sampler: str | None = None, schedule: str | None = None, batch: int = 1, guidance_rescale: float = 0.0,
+        init_image=None, strength: float | None = None, mask=None, mask_blur: float = 0.0,
+        latents: Tensor | None = None, denoising_start: float | None = None, denoising_end: float | None = None,
         original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-        callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
+        callback: Callable[[int, int, Tensor, Tensor], None] | None = None, output_type: str = "pil",
+        noise: SeededNoise | None = None,
     ) -> GenerationResult:
+        """Generate. Text-to-image by default; with `init_image` (+ `strength`) image-to-image; with `mask`
+        (white = repaint) inpainting; with `denoising_end` the base stops early and returns latents for a
+        refiner called with `latents=` and `denoising_start=` (the "ensemble of expert denoisers")."""
         d = self.defaults
+        cfg_model = self.config
         steps = d["steps"] if steps is None else steps
         cfg_scale = d["cfg"] if cfg is None else float(cfg)
         sampler_name, implied = resolve_sampler(sampler or d["sampler"])
         schedule = schedule or implied or d["schedule"]
         if schedule not in SPACINGS:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SPACINGS)}")
-        width = width or self.config.resolution
-        height = height or self.config.resolution
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        f = cfg_model.vae.downsample_factor
+        image_t = mask_t = None
+        if init_image is not None:
+            img = load_image(init_image)
+            width = width or img.width // f * f
+            height = height or img.height // f * f
+            image_t = image_to_tensor(img, width, height)
+        elif mask is not None:
+            raise ValueError("a mask needs an init image to inpaint")
+        if latents is not None:
+            height, width = latents.shape[-2] * f, latents.shape[-1] * f
+        width = width or cfg_model.resolution
+        height = height or cfg_model.resolution
         self.check_size(width, height)
+        if mask is not None:
+            mask_t = mask_to_tensor(load_image(mask, mode="L"), width, height, mask_blur)
+        if cfg_model.unet.in_channels == 9 and mask_t is None:
+            raise ValueError("this is an inpainting UNet (9 input channels): pass init_image and mask")
+        if init_image is not None and strength is None and latents is None:
+            strength = 1.0 if mask is not None and cfg_model.unet.in_channels == 9 else (0.3 if cfg_model.family.startswith("sdxl") else 0.8)
+
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -205,32 +278,138 @@ class Pipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if seed is None:
-            seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         seeds = [seed + k for k in range(len(prompts))]
 
         cond, uncond = self.encode_prompt(
             prompts, negatives, size=(height, width), original_size=original_size, crop=crop, target_size=target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
         )
-        unet = self.parts.unet
-        denoiser = Denoiser(unet, self.schedule, self.config.prediction)
-        model = guided(denoiser, cond.to(unet.dtype), uncond.to(unet.dtype), cfg_scale, guidance_rescale)
         # DDIM's last step lands on ᾱ_0 (σ_min), not ᾱ = 1, in both CompVis DDIM and diffusers with the SD
         # scheduler configs (`set_alpha_to_one: false`); every other sampler ends at σ = 0.
         final = self.schedule.sigma_min if sampler_name == "ddim" else 0.0
-        sigmas = make_sigmas(self.schedule, steps, schedule, final=final)
-        f = self.config.vae.downsample_factor
-        noise = SeededNoise(seeds, (self.config.unet.out_channels, height // f, width // f))
-        x = noise() * initial_noise_scale(sampler_name, schedule, float(sigmas[0]))
-        x = denoise(model, x, sigmas, sampler_name, noise, callback)
-        x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
+        sigmas_full = make_sigmas(self.schedule, steps, schedule, final=final)
+        first, last = self.step_range(steps, sigmas_full, strength, denoising_start, denoising_end)
+        sigmas = sigmas_full[first:last + 1]
+        noise = noise or SeededNoise(seeds, (cfg_model.unet.out_channels, height // f, width // f))
+
+        # Initial latent: the order of generator draws follows diffusers (posterior sample, then noise).
+        concat = image_latents = None
+        if latents is not None:  # hand-off: continue from a VE-form latent at sigmas[0]
+            x = latents.float()
+        elif image_t is not None and (cfg_model.unet.in_channels == 4 or strength < 1.0):
+            image_latents = self.encode_image(image_t, noise)
+            first_noise = noise()
+            if mask_t is not None and strength == 1.0:  # inpainting at full strength starts from pure noise
+                x = first_noise * initial_noise_scale(sampler_name, schedule, float(sigmas[0]))
+            else:
+                x = image_latents + first_noise * float(sigmas[0])
+        else:
+            first_noise = noise()
+            x = first_noise * initial_noise_scale(sampler_name, schedule, float(sigmas[0]))
+        if mask_t is not None and cfg_model.unet.in_channels == 9:
+            masked = image_t * (mask_t < 0.5)
+            masked_latents = self.encode_image(masked, noise)
+            small = F.interpolate(mask_t, size=(height // f, width // f))  # nearest, as diffusers
+            concat = torch.cat([small.expand(len(seeds), -1, -1, -1), masked_latents], dim=1)
+
+        unet = self.parts.unet
+        denoiser = Denoiser(unet, self.schedule, cfg_model.prediction, concat=concat)
+        model = guided(denoiser, cond.to(unet.dtype), uncond.to(unet.dtype), cfg_scale, guidance_rescale)
+        step_fn = callback
+        if mask_t is not None and cfg_model.unet.in_channels == 4:
+            step_fn = _blend_known_region(F.interpolate(mask_t, size=(height // f, width // f)), image_latents,
+                                          first_noise, sigmas, callback)
+        x = denoise(model, x, sigmas, sampler_name, noise, step_fn)
         if not torch.isfinite(x).all():
             raise FloatingPointError("sampling produced NaN/inf latents; try fp32 weights, fewer CFG or another sampler")
-        dec = decode_latents(self.parts.vae, x)
-        notes = list(self.parts.notes) + (["VAE decode overflowed in reduced precision and was redone in fp32"] if dec.upcast else [])
         settings = {
             "prompt": prompts, "negative_prompt": negatives, "steps": steps, "sampler": sampler_name,
             "schedule": schedule, "cfg": cfg_scale, "seed": seed, "width": width, "height": height,
-            "model": self.name, "guidance_rescale": guidance_rescale,
+            "model": self.name, "guidance_rescale": guidance_rescale, "strength": strength,
+            "denoising_start": denoising_start, "denoising_end": denoising_end,
         }
-        return GenerationResult(latents_to_images(dec.images), x, seeds, settings, notes)
+        notes = list(self.parts.notes)
+        if output_type == "latent" or float(sigmas[-1]) > (self.schedule.sigma_min if sampler_name == "ddim" else 0.0):
+            # stopped early (hand-off): return the VE-form latent at sigmas[-1] for the next stage
+            return GenerationResult([], x, seeds, settings, notes, noise=noise)
+        x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
+        dec = decode_latents(self.parts.vae, x)
+        if dec.upcast:
+            notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
+        images = dec.images
+        if mask_t is not None:  # keep unmasked pixels exactly (the VAE round trip would alter them)
+            images = image_t * (1 - mask_t) + images * mask_t
+        return GenerationResult(latents_to_images(images), x, seeds, settings, notes, noise=noise)
+
+    def refine(self, refiner: "Pipeline", prompt, negative_prompt=None, *, switch_at: float = 0.8, **kwargs) -> GenerationResult:
+        """Base -> refiner hand-off at `switch_at` of the schedule, both on the same σ grid and noise."""
+        refiner_keys = {"aesthetic_score", "negative_aesthetic_score"}
+        base_kwargs = {k: v for k, v in kwargs.items() if k not in refiner_keys}
+        base = self(prompt, negative_prompt, denoising_end=switch_at, output_type="latent", **base_kwargs)
+        shared = {k: v for k, v in kwargs.items() if k in ("steps", "cfg", "sampler", "schedule", "guidance_rescale", "callback")
+                  or k in refiner_keys}
+        out = refiner(prompt, negative_prompt, latents=base.latents, denoising_start=switch_at, seed=base.settings["seed"],
+                      batch=len(base.seeds), noise=base.noise, **shared)
+        out.settings.update(refiner=refiner.name, refiner_switch_at=switch_at)
+        return out
+
+
+def _blend_known_region(mask: Tensor, image_latents: Tensor, noise: Tensor, sigmas: Tensor, callback):
+    """After each step keep the unmasked region at the original latents noised to the next level
+    (4-channel inpainting, diffusers `StableDiffusionXLInpaintPipeline`; mask 1 = repaint)."""
+    def step(i: int, n: int, x: Tensor, x0: Tensor) -> Tensor:
+        if callback is not None:
+            callback(i, n, x, x0)
+        known = image_latents + noise * float(sigmas[i + 1]) if i < n - 1 else image_latents
+        return (1 - mask) * known + mask * x
+    return step
+
+
+# --------------------------------------------------------------------------------------------------
+# Images in
+# --------------------------------------------------------------------------------------------------
+
+
+def load_image(src, mode: str = "RGB") -> Image.Image:
+    """A PIL image, a path, or an array -> PIL image in `mode`, with a clear error for anything else."""
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, (str, os.PathLike)):
+        if not os.path.exists(src):
+            raise ValueError(f"image {src}: no such file")
+        try:
+            img = Image.open(src)
+            img.load()
+        except Exception as e:  # PIL raises several types for malformed files
+            raise ValueError(f"image {src}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    elif isinstance(src, np.ndarray):
+        img = Image.fromarray(src)
+    else:
+        raise ValueError(f"expected a PIL image, a path or an array, got {type(src).__name__}")
+    if img.width < 1 or img.height < 1:
+        raise ValueError("image is empty")
+    return img.convert(mode)
+
+
+def image_to_tensor(img: Image.Image, width: int, height: int) -> Tensor:
+    """RGB PIL -> (1, 3, H, W) in [-1, 1], resized (Lanczos, as diffusers' image processor) when needed."""
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.LANCZOS)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return arr * 2 - 1
+
+
+def mask_to_tensor(img: Image.Image, width: int, height: int, blur: float = 0.0) -> Tensor:
+    """Greyscale mask -> (1, 1, H, W) in {0, 1} (white = repaint), optionally Gaussian-blurred (soft edges)."""
+    if img.size != (width, height):
+        raise ValueError(f"mask is {img.width}x{img.height} but the image is {width}x{height}; resize the mask to match")
+    m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
+    m = (m >= 0.5).float()  # binarised, as diffusers' mask processor does
+    if blur > 0:
+        r = max(1, int(3 * blur))
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * blur**2))
+        k = k / k.sum()
+        m = F.conv2d(F.pad(m, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        m = F.conv2d(F.pad(m, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return m

@@ -40,7 +40,8 @@ class Denoiser:
         c_in = _bcast((sigma**2 + 1) ** -0.5, x)
         inp = x * c_in
         if self.concat is not None:
-            inp = torch.cat([inp, self.concat.to(inp).expand(x.shape[0], -1, -1, -1)], dim=1)
+            extra = self.concat.to(inp)
+            inp = torch.cat([inp, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], dim=1)  # CFG doubles the batch
         out = self.unet(inp, self.timestep(sigma), cond.context, cond.vector)
         return out.to(x.dtype)
 

@@ -4,7 +4,8 @@
 `sigmas` is descending and ends at the final level (usually 0). Stochastic samplers draw fresh noise
 from `noise()`, which gives a (B, C, H, W) N(0, I) tensor from per-sample generators, so image k of a
 batch equals the same seed run alone. `callback(i, n, x, x0)` is called after each step (progress,
-previews, cancellation by raising).
+previews, cancellation by raising); if it returns a tensor, that tensor replaces x (inpainting blends the
+known region back in this way).
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from torch import Tensor
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
-Callback = Callable[[int, int, Tensor, Tensor], None] | None
+Callback = Callable[[int, int, Tensor, Tensor], Tensor | None] | None
 
 
 def _s(sigma: Tensor | float, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
 
 
-def _step_done(callback: Callback, i: int, n: int, x: Tensor, x0: Tensor) -> None:
-    if callback is not None:
-        callback(i, n, x, x0)
+def _step_done(callback: Callback, i: int, n: int, x: Tensor, x0: Tensor) -> Tensor:
+    if callback is None:
+        return x
+    out = callback(i, n, x, x0)
+    return x if out is None else out
 
 
 def sample_euler(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback: Callback = None) -> Tensor:
@@ -36,7 +39,7 @@ def sample_euler(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = 
         x0 = model(x, _s(sigmas[i], x))
         d = (x - x0) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
@@ -60,7 +63,7 @@ def sample_euler_ancestral(model: Model, x: Tensor, sigmas: Tensor, noise: Noise
         if up > 0:
             assert noise is not None, "euler_ancestral needs a noise source"
             x = x + noise() * up
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
@@ -78,7 +81,7 @@ def sample_heun(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = N
             x0_2 = model(x_euler, _s(s_next, x))
             d_2 = (x_euler - x0_2) / s_next
             x = x + (d + d_2) / 2 * (s_next - s)
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
@@ -103,7 +106,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None
             x = (s_next / s) * x - math.expm1(-h) * d
             h_prev = h
         x0_prev = x0
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
@@ -129,7 +132,7 @@ def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | 
                 x = x + noise() * s_next * math.sqrt(-math.expm1(-2 * eh))
             h_prev = h
         x0_prev = x0
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
@@ -152,7 +155,7 @@ def sample_ddim(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = N
             assert noise is not None, "DDIM with eta > 0 needs a noise source"
             x_vp = x_vp + std * noise()
         x = x_vp / math.sqrt(a_prev)
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
@@ -172,7 +175,7 @@ def sample_lcm(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = No
             x = x0 + noise() * s_next
         else:
             x = x0
-        _step_done(callback, i, n, x, x0)
+        x = _step_done(callback, i, n, x, x0)
     return x
 
 
