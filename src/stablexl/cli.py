@@ -51,14 +51,29 @@ def _generate(args: argparse.Namespace) -> int:
     from .io.metadata import generation_infotext, save_png
     from .pipeline import Pipeline
 
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image (the picture to inpaint)")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)
     for note in pipe.parts.notes:
         print(note)
-    result = pipe(
-        args.prompt, args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width,
-        height=args.height, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
-        guidance_rescale=args.guidance_rescale, callback=None if args.quiet else ProgressBar("generate"),
+    kwargs = dict(
+        steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, sampler=args.sampler,
+        schedule=args.schedule, batch=args.batch, guidance_rescale=args.guidance_rescale,
+        callback=None if args.quiet else ProgressBar("generate"),
     )
+    if args.init_image:
+        kwargs.update(init_image=args.init_image, strength=args.strength, mask=args.mask, mask_blur=args.mask_blur)
+    if args.refiner:
+        refiner = Pipeline.from_pretrained(args.refiner, dtype=args.dtype)
+        result = pipe.refine(refiner, args.prompt, args.negative_prompt, switch_at=args.switch_at,
+                             aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+                             **kwargs)
+    else:
+        if pipe.config.family == "sdxl-refiner":
+            kwargs.update(aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score)
+        result = pipe(args.prompt, args.negative_prompt, **kwargs)
     for note in result.notes[len(pipe.parts.notes):]:
         print(note)
     for k, (img, path) in enumerate(zip(result.images, _output_paths(args.output, len(result.images)))):
@@ -67,11 +82,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument ends with one line naming the fix, not usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stablexl", description="Stable Diffusion XL, from scratch in PyTorch.",
+    p = _Parser(prog="stablexl", description="Stable Diffusion XL, from scratch in PyTorch.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--version", action="version", version=f"stablexl {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        help="text-to-image", description="Generate images from a prompt.")
@@ -89,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's resolution)")
     g.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's resolution)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--init-image", default=None, help="image-to-image: the starting picture")
+    g.add_argument("--strength", type=float, default=None,
+                   help="image-to-image: share of the schedule re-run (0-1]; default 0.3 SDXL, 0.8 SD, 1.0 inpaint UNets")
+    g.add_argument("--mask", default=None, help="inpainting: greyscale mask, white = repaint (same size as the image)")
+    g.add_argument("--mask-blur", type=float, default=0.0, help="inpainting: Gaussian blur (pixels) of the mask edge")
+    g.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: hand off the last steps to it")
+    g.add_argument("--switch-at", type=float, default=0.8, help="fraction of the schedule the base runs before the refiner")
+    g.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner conditioning")
+    g.add_argument("--negative-aesthetic-score", type=float, default=2.5, help="refiner conditioning")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
     g.add_argument("--output", default="output.png", help="PNG path; with --batch N, -0 -1 ... are appended")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
