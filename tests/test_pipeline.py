@@ -164,3 +164,66 @@ def test_base_to_refiner_handoff_matches_diffusers(sdxl_folder, tmp_path):
     print(f"base -> refiner at 0.8: latent rel err {err:.2e}")
     assert err <= 1e-4
     assert len(got.images) == 1
+
+
+@pytest.mark.parametrize("case", ["heun", "dpmpp_2m_karras", "turbo_1", "turbo_4", "rescale_0.7"])
+def test_sdxl_sampler_variants_match_diffusers(sdxl_folder, case):
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ref.set_progress_bar_config(disable=True)
+    base = ref.scheduler.config
+    steps, cfg, rescale, ours_kw = 6, 5.0, 0.0, {}
+    if case == "heun":
+        ref.scheduler = diffusers.HeunDiscreteScheduler.from_config(base)
+        ours_kw = dict(sampler="heun", schedule="leading")
+    elif case == "dpmpp_2m_karras":
+        ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(base, use_karras_sigmas=True)
+        ours_kw = dict(sampler="DPM++ 2M Karras")
+    elif case.startswith("turbo"):  # SDXL-Turbo recipe: Euler ancestral, trailing spacing, no CFG
+        ref.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(base, timestep_spacing="trailing")
+        steps, cfg = int(case[-1]), 0.0
+        ours_kw = dict(sampler="euler_ancestral", schedule="trailing")
+    else:
+        rescale = 0.7
+        ours_kw = dict(sampler="euler", schedule="leading")
+    want = ref("a red apple", num_inference_steps=steps, guidance_scale=cfg, guidance_rescale=rescale, height=64,
+               width=64, generator=[torch.Generator().manual_seed(17)], output_type="latent").images
+    got = Pipeline.from_pretrained(sdxl_folder)("a red apple", steps=steps, cfg=cfg, guidance_rescale=rescale, seed=17,
+                                                **ours_kw)
+    err = R.rel_err(got.latents, want)
+    print(f"{case}: latent rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sd21"])
+def test_sd1_sd2_txt2img_match_diffusers(name, tmp_path):
+    import diffusers
+
+    save_model(random_parts(name, seed=8), tmp_path / name, "diffusers")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / name, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    assert ref.scheduler.config.prediction_type == ("v_prediction" if name == "tiny-sd21" else "epsilon")
+    want = ref(["a red apple"] * 2, negative_prompt=["blurry"] * 2, num_inference_steps=5, guidance_scale=7.5,
+               height=64, width=64, generator=[torch.Generator().manual_seed(s) for s in (2, 3)],
+               output_type="latent").images
+    got = Pipeline.from_pretrained(tmp_path / name)("a red apple", "blurry", steps=5, cfg=7.5, seed=2, batch=2,
+                                                    sampler="euler", schedule="leading")
+    err = R.rel_err(got.latents, want)
+    print(f"{name}: latent rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_weighted_and_long_prompts_run_through_the_pipeline(sdxl_folder):
+    pipe = Pipeline.from_pretrained(sdxl_folder)
+    plain = pipe("a red apple", steps=2, seed=1)
+    weighted = pipe("a (red:1.5) apple", steps=2, seed=1)
+    neutral = pipe("a (red:1.0) apple", steps=2, seed=1)  # syntax with weight 1 encodes as the plain prompt
+    assert R.rel_err(neutral.latents, plain.latents) <= 1e-6
+    assert R.rel_err(weighted.latents, plain.latents) > 1e-3
+    long = " ".join(["a red apple on a wooden table,"] * 20)  # > 75 tokens: several chunks
+    from stablexl.prompts import tokenize_weighted
+
+    assert tokenize_weighted(long, 49407)[0].shape[0] >= 2
+    out = pipe(long, "blurry BREAK lowres", steps=2, seed=1)
+    assert torch.isfinite(out.latents).all()

@@ -89,6 +89,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _info(args: argparse.Namespace) -> int:
+    from .info import main_info
+
+    print(main_info(args.image, as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stablexl", description="Stable Diffusion XL, from scratch in PyTorch.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -124,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="output.png", help="PNG path; with --batch N, -0 -1 ... are appended")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+
+    i = sub.add_parser("info", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="print the generation settings stored in an image (ours, A1111, ComfyUI, sd.cpp)")
+    i.add_argument("image")
+    i.add_argument("--json", action="store_true", help="print JSON instead of key: value lines")
+    i.set_defaults(func=_info)
 
     c = sub.add_parser(
         "convert", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -27,6 +27,7 @@ from .diffusion.schedule import SPACINGS, NoiseSchedule, make_sigmas
 from .models.conditioning import Conditioning, encode_text, refiner_vector, sdxl_vector
 from .models.parts import ModelParts, build_parts
 from .models.tokenizer import CLIPTokenizer, default_tokenizer
+from .prompts import encode_prompts_weighted, needs_weighting
 from .models.vae import decode_latents
 
 EULER_FAMILY = {"euler", "euler_ancestral", "heun", "lcm"}
@@ -154,12 +155,22 @@ class Pipeline:
         (diffusers `force_zeros_for_empty_prompt`); the micro-conditions stay."""
         cfg = self.config
         enc = self.parts.text_encoders
-        ctx, pooled = encode_text(cfg, enc, self._tokens(prompts))
         zero_uncond = negative is None and cfg.family == "sdxl-base"
+        negs = negative or [""] * len(prompts)
+        if any(needs_weighting(p, tokenizer=self.tokenizer) for p in prompts + (negs if not zero_uncond else [])):
+            # A1111 syntax / long prompts: prompts and negatives in one call so their chunk counts agree
+            texts = prompts + ([] if zero_uncond else negs)
+            all_ctx, all_pooled = encode_prompts_weighted(cfg, enc, texts, tokenizer=self.tokenizer)
+            b = len(prompts)
+            ctx, pooled = all_ctx[:b], None if all_pooled is None else all_pooled[:b]
+            if not zero_uncond:
+                uctx, upooled = all_ctx[b:], None if all_pooled is None else all_pooled[b:]
+        else:  # plain prompts: exactly diffusers' encoding
+            ctx, pooled = encode_text(cfg, enc, self._tokens(prompts))
+            if not zero_uncond:
+                uctx, upooled = encode_text(cfg, enc, self._tokens(negs))
         if zero_uncond:
             uctx, upooled = torch.zeros_like(ctx), None if pooled is None else torch.zeros_like(pooled)
-        else:
-            uctx, upooled = encode_text(cfg, enc, self._tokens(negative or [""] * len(prompts)))
         original_size = original_size or size
         target_size = target_size or size
         if cfg.family == "sdxl-base":
@@ -314,7 +325,10 @@ class Pipeline:
             concat = torch.cat([small.expand(len(seeds), -1, -1, -1), masked_latents], dim=1)
 
         unet = self.parts.unet
-        denoiser = Denoiser(unet, self.schedule, cfg_model.prediction, concat=concat)
+        # Euler-family samplers feed the UNet fractional timesteps t(σ) (diffusers' Euler schedulers);
+        # the others round t to the training grid (diffusers DPM-Solver, k-diffusion, ComfyUI).
+        denoiser = Denoiser(unet, self.schedule, cfg_model.prediction, concat=concat,
+                            quantize_t=sampler_name not in EULER_FAMILY)
         model = guided(denoiser, cond.to(unet.dtype), uncond.to(unet.dtype), cfg_scale, guidance_rescale)
         step_fn = callback
         if mask_t is not None and cfg_model.unet.in_channels == 4:

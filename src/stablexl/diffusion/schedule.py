@@ -105,17 +105,16 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
 def make_sigmas(schedule: NoiseSchedule, n: int, spacing: str = "leading", rho: float = 7.0, final: float = 0.0) -> Tensor:
     """n + 1 descending σ's ending in `final` (0, or σ_min for DDIM): the steps a sampler takes.
 
-    leading / trailing / linspace: σ at the spaced timesteps. karras / exponential: spanning the σ's of
-    the leading spacing's first and last step, as diffusers' Euler scheduler with `use_karras_sigmas`
-    does (reference/architecture.md §5.3).
+    leading / trailing / linspace: σ at the spaced timesteps. karras / exponential: spanning the whole
+    training range [σ_min, σ_max] = [0.0292, 14.6146], as k-diffusion, A1111, ComfyUI and diffusers'
+    DPM-Solver do (diffusers' Euler scheduler alone spans its spaced σ's; reference/architecture.md §5.3).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be a positive integer, got {n!r}")
     if spacing in ("leading", "trailing", "linspace"):
         sigmas = schedule.t_to_sigma(spaced_timesteps(n, spacing, schedule.num_train_timesteps))
     elif spacing in ("karras", "exponential"):
-        base = schedule.t_to_sigma(spaced_timesteps(n, "leading", schedule.num_train_timesteps))
-        lo, hi = float(base[-1]), float(base[0])
+        lo, hi = schedule.sigma_min, schedule.sigma_max
         sigmas = karras_sigmas(n, lo, hi, rho) if spacing == "karras" else exponential_sigmas(n, lo, hi)
     else:
         raise ValueError(f"unknown schedule {spacing!r}; choose one of: {', '.join(SPACINGS)}")

@@ -331,28 +331,37 @@ def text_folders(config: ModelConfig) -> list[tuple[str, str]]:
     return [("text_encoder", "tokenizer")]
 
 
+def diffusers_text_config(spec: TextEncoderSpec) -> CLIPTextConfig:
+    """The text encoder as a diffusers folder stores it: diffusers reads the last block + final LN, so SD 2.x
+    keeps only the blocks it reads and drops the unused projection (as diffusers' converter does)."""
+    if spec.final_norm and spec.layer < spec.config.layers:
+        return dataclasses.replace(spec.config, layers=spec.layer, projection_dim=0)
+    return spec.config
+
+
 def model_index_for(config: ModelConfig) -> dict[str, Any]:
     nul = [None, None]
     common = {"_diffusers_version": DIFFUSERS_VERSION, "unet": ["diffusers", "UNet2DConditionModel"],
               "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
-    te = lambda c: ["transformers", "CLIPTextModelWithProjection" if c.projection_dim else "CLIPTextModel"]  # noqa: E731
+    te = lambda spec: ["transformers", "CLIPTextModelWithProjection" if diffusers_text_config(spec).projection_dim  # noqa: E731
+                       else "CLIPTextModel"]
     tok = ["transformers", "CLIPTokenizer"]
     f = config.family
     if f == "sdxl-base":
-        return {"_class_name": "StableDiffusionXLPipeline", **common, "text_encoder": te(config.text_encoders[0].config),
-                "text_encoder_2": te(config.text_encoders[1].config), "tokenizer": tok, "tokenizer_2": tok,
+        return {"_class_name": "StableDiffusionXLPipeline", **common, "text_encoder": te(config.text_encoders[0]),
+                "text_encoder_2": te(config.text_encoders[1]), "tokenizer": tok, "tokenizer_2": tok,
                 "image_encoder": nul, "feature_extractor": nul, "force_zeros_for_empty_prompt": True}
     if f == "sdxl-refiner":
         return {"_class_name": "StableDiffusionXLImg2ImgPipeline", **common, "text_encoder": nul, "tokenizer": nul,
-                "text_encoder_2": te(config.text_encoders[0].config), "tokenizer_2": tok, "image_encoder": nul,
+                "text_encoder_2": te(config.text_encoders[0]), "tokenizer_2": tok, "image_encoder": nul,
                 "feature_extractor": nul, "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}
     if f in ("sd1", "sd2"):
-        return {"_class_name": "StableDiffusionPipeline", **common, "text_encoder": te(config.text_encoders[0].config),
+        return {"_class_name": "StableDiffusionPipeline", **common, "text_encoder": te(config.text_encoders[0]),
                 "tokenizer": tok, "safety_checker": nul, "feature_extractor": nul, "image_encoder": nul,
                 "requires_safety_checker": False}
     if f == "sd2-unclip":
         return {"_class_name": "StableUnCLIPImg2ImgPipeline", **common,
-                "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": te(config.text_encoders[0].config),
+                "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": te(config.text_encoders[0]),
                 "tokenizer": tok, "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
                 "feature_extractor": ["transformers", "CLIPImageProcessor"],
                 "image_normalizer": ["stable_diffusion", "StableUnCLIPImageNormalizer"],

@@ -342,17 +342,10 @@ def write_diffusers_configs(config: ModelConfig, root: Path) -> None:
         for rel, data in dfmt.unclip_extra_configs(config).items():
             write_json(root / rel, data)
     for spec, (folder, tok) in zip(config.text_encoders, dfmt.text_folders(config)):
-        write_json(root / folder / "config.json", dfmt.text_to_transformers(_diffusers_text_config(spec)))
+        write_json(root / folder / "config.json", dfmt.text_to_transformers(dfmt.diffusers_text_config(spec)))
         (root / tok).mkdir(parents=True, exist_ok=True)
         for name, text in dfmt.tokenizer_files(spec.pad_id).items():
             (root / tok / name).write_text(text)
-
-
-def _diffusers_text_config(spec):
-    """diffusers reads the last block + final LN, so SD 2.x keeps only the blocks it reads (as its converter does)."""
-    if spec.final_norm and spec.layer < spec.config.layers:
-        return dataclasses.replace(spec.config, layers=spec.layer, projection_dim=0)
-    return spec.config
 
 
 def _save_diffusers(parts: ModelParts, root: Path, cast) -> None:
@@ -380,7 +373,7 @@ def _save_diffusers(parts: ModelParts, root: Path, cast) -> None:
         atomic_save_safetensors({k: cast(v) for k, v in parts.image_normalizer.state_dict().items()},
                                 root / "image_normalizer" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     for te, spec, (folder, _tok) in zip(parts.text_encoders, config.text_encoders, dfmt.text_folders(config)):
-        text_cfg, sd = _diffusers_text_config(spec), te.state_dict()
+        text_cfg, sd = dfmt.diffusers_text_config(spec), te.state_dict()
         sd = {k: v for k, v in sd.items() if not (k.startswith("text_projection.") and not text_cfg.projection_dim)
               and not (k.startswith("encoder.layers.") and int(k.split(".")[2]) >= text_cfg.layers)}
         sd = {(k if k.startswith("text_projection.") else f"text_model.{k}"): cast(v) for k, v in sd.items()}
