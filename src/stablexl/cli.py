@@ -60,7 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
         print(note)
     kwargs = dict(
         steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, sampler=args.sampler,
-        schedule=args.schedule, batch=args.batch, guidance_rescale=args.guidance_rescale,
+        schedule=args.schedule, batch=args.batch, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
         callback=None if args.quiet else ProgressBar("generate"),
     )
     if args.init_image:
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--switch-at", type=float, default=0.8, help="fraction of the schedule the base runs before the refiner")
     g.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner conditioning")
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5, help="refiner conditioning")
+    g.add_argument("--vae-tile", type=int, default=None,
+                   help="decode in overlapping tiles of this many latents (64 = 512 px) to bound memory on large images")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
     g.add_argument("--output", default="output.png", help="PNG path; with --batch N, -0 -1 ... are appended")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

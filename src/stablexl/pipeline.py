@@ -244,7 +244,7 @@ class Pipeline:
         original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
         callback: Callable[[int, int, Tensor, Tensor], None] | None = None, output_type: str = "pil",
-        noise: SeededNoise | None = None,
+        noise: SeededNoise | None = None, vae_tile: int | None = None,
     ) -> GenerationResult:
         """Generate. Text-to-image by default; with `init_image` (+ `strength`) image-to-image; with `mask`
         (white = repaint) inpainting; with `denoising_end` the base stops early and returns latents for a
@@ -348,7 +348,7 @@ class Pipeline:
             # stopped early (hand-off): return the VE-form latent at sigmas[-1] for the next stage
             return GenerationResult([], x, seeds, settings, notes, noise=noise)
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
-        dec = decode_latents(self.parts.vae, x)
+        dec = decode_latents(self.parts.vae, x, tile=vae_tile)  # vae_tile: latent tile side, e.g. 64 = 512 px
         if dec.upcast:
             notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
         images = dec.images
@@ -361,7 +361,8 @@ class Pipeline:
         refiner_keys = {"aesthetic_score", "negative_aesthetic_score"}
         base_kwargs = {k: v for k, v in kwargs.items() if k not in refiner_keys}
         base = self(prompt, negative_prompt, denoising_end=switch_at, output_type="latent", **base_kwargs)
-        shared = {k: v for k, v in kwargs.items() if k in ("steps", "cfg", "sampler", "schedule", "guidance_rescale", "callback")
+        shared = {k: v for k, v in kwargs.items() if k in ("steps", "cfg", "sampler", "schedule", "guidance_rescale", "callback",
+                                                           "vae_tile")
                   or k in refiner_keys}
         out = refiner(prompt, negative_prompt, latents=base.latents, denoising_start=switch_at, seed=base.settings["seed"],
                       batch=len(base.seeds), noise=base.noise, **shared)

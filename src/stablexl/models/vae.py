@@ -177,13 +177,15 @@ class DecodeResult:
     upcast: bool  # True when reduced-precision decoding gave non-finite values and was redone in fp32
 
 
-def decode_latents(vae: AutoencoderKL, latents: Tensor) -> DecodeResult:
+def decode_latents(vae: AutoencoderKL, latents: Tensor, tile: int | None = None, overlap: int | None = None) -> DecodeResult:
     """Decode *scaled* latents (as the diffusion model sees them), never returning NaN/black images.
 
     The SDXL VAE overflows in float16 (reference/architecture.md §2, "SDXL VAE fp16 issue"). We decode
     in the VAE's own dtype; when the result is not finite we redo that decode with fp32 weights and
     report it, rather than upcasting every time as diffusers' `force_upcast` does.
     """
+    if tile is not None and max(latents.shape[-2:]) > tile:
+        return _decode_tiled(vae, latents, tile, min(16, tile // 4) if overlap is None else overlap)
     z = latents / vae.config.scaling_factor
     with torch.no_grad():
         images = vae.decode(z)
@@ -204,3 +206,50 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor) -> DecodeResult:
         if not torch.isfinite(images).all():
             raise FloatingPointError("VAE decode is not finite even in float32: the latents contain NaN/inf")
         return DecodeResult(images.float(), upcast=True)
+
+
+def _tile_starts(n: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering [0, n): every `stride`, the last tile flush with the end."""
+    if n <= tile:
+        return [0]
+    return list(range(0, n - tile, stride)) + [n - tile]
+
+
+def _ramp(length: int, ramp: int, rise: bool, fall: bool) -> Tensor:
+    """1-D blend weight: linear ramps of `ramp` samples at edges shared with a neighbouring tile."""
+    w = torch.ones(length)
+    r = torch.arange(ramp, dtype=torch.float32).add_(0.5).div_(ramp)  # (0, 1), never exactly 0
+    if rise:
+        w[:ramp] = r
+    if fall:
+        w[length - ramp:] = torch.minimum(w[length - ramp:], r.flip(0))
+    return w
+
+
+def _decode_tiled(vae: AutoencoderKL, latents: Tensor, tile: int, overlap: int) -> DecodeResult:
+    """Decode overlapping latent tiles and blend them with linear ramps over the overlaps.
+
+    Memory is bounded by one tile's decode. The decoder's mid-block attention is global, so tiles see
+    less context than a whole-image decode: results differ slightly from untiled decoding (measured in
+    tests/models/test_vae.py), while the ramps leave no visible seam.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile={tile}), got {overlap}")
+    f = vae.config.downsample_factor
+    b, _, h, w = latents.shape
+    ys, xs = _tile_starts(h, tile, tile - overlap), _tile_starts(w, tile, tile - overlap)
+    out = torch.zeros(b, vae.config.out_channels, h * f, w * f)
+    total = torch.zeros(1, 1, h * f, w * f)
+    upcast = False
+    for y0 in ys:
+        for x0 in xs:
+            th, tw = min(tile, h), min(tile, w)
+            part = decode_latents(vae, latents[..., y0:y0 + th, x0:x0 + tw])
+            upcast |= part.upcast
+            ramp = max(1, overlap * f)
+            wy = _ramp(th * f, ramp, rise=y0 > 0, fall=y0 + th < h)
+            wx = _ramp(tw * f, ramp, rise=x0 > 0, fall=x0 + tw < w)
+            weight = (wy[:, None] * wx[None, :])[None, None]
+            out[..., y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += part.images * weight
+            total[..., y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f] += weight
+    return DecodeResult(out / total, upcast)
