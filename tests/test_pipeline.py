@@ -227,3 +227,25 @@ def test_weighted_and_long_prompts_run_through_the_pipeline(sdxl_folder):
     assert tokenize_weighted(long, 49407)[0].shape[0] >= 2
     out = pipe(long, "blurry BREAK lowres", steps=2, seed=1)
     assert torch.isfinite(out.latents).all()
+
+
+@pytest.mark.parametrize("noise_level", [0, 250])
+def test_unclip_image_variation_matches_diffusers(tmp_path, noise_level):
+    import diffusers
+    from PIL import Image
+
+    save_model(random_parts("tiny-unclip", seed=10), tmp_path / "unclip", "diffusers")
+    ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(tmp_path / "unclip")
+    ref.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(30)
+    image = Image.fromarray((torch.rand(28, 28, 3, generator=g) * 255).to(torch.uint8).numpy())
+    want = ref(image=image, prompt="a red apple", num_inference_steps=5, guidance_scale=7.5, noise_level=noise_level,
+               generator=[torch.Generator().manual_seed(31)], output_type="latent", height=64, width=64).images
+    pipe = Pipeline.from_pretrained(tmp_path / "unclip")
+    got = pipe("a red apple", image_prompt=image, noise_level=noise_level, steps=5, cfg=7.5, seed=31, sampler="ddim",
+               schedule="leading", output_type="latent")
+    err = R.rel_err(got.latents, want)
+    print(f"unCLIP variation noise_level {noise_level}: latent rel err {err:.2e}")
+    assert err <= 1e-4
+    with pytest.raises(ValueError, match="pass image_prompt"):
+        pipe("a red apple", steps=2)

@@ -63,6 +63,8 @@ def _generate(args: argparse.Namespace) -> int:
         schedule=args.schedule, batch=args.batch, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
         callback=None if args.quiet else ProgressBar("generate"),
     )
+    if args.image_prompt:
+        kwargs.update(image_prompt=args.image_prompt, noise_level=args.noise_level)
     if args.init_image:
         kwargs.update(init_image=args.init_image, strength=args.strength, mask=args.mask, mask_blur=args.mask_blur)
     if args.refiner:
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-to-image: share of the schedule re-run (0-1]; default 0.3 SDXL, 0.8 SD, 1.0 inpaint UNets")
     g.add_argument("--mask", default=None, help="inpainting: greyscale mask, white = repaint (same size as the image)")
     g.add_argument("--mask-blur", type=float, default=0.0, help="inpainting: Gaussian blur (pixels) of the mask edge")
+    g.add_argument("--image-prompt", default=None, help="unCLIP models: make variations of this image")
+    g.add_argument("--noise-level", type=int, default=0, help="unCLIP: noise added to the image embedding, 0-999")
     g.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: hand off the last steps to it")
     g.add_argument("--switch-at", type=float, default=0.8, help="fraction of the schedule the base runs before the refiner")
     g.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner conditioning")

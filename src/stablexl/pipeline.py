@@ -24,7 +24,7 @@ from .diffusion.denoiser import Denoiser
 from .diffusion.guidance import guided
 from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedule import SPACINGS, NoiseSchedule, make_sigmas
-from .models.conditioning import Conditioning, encode_text, refiner_vector, sdxl_vector
+from .models.conditioning import Conditioning, encode_text, refiner_vector, sdxl_vector, unclip_vector
 from .models.parts import ModelParts, build_parts
 from .models.tokenizer import CLIPTokenizer, default_tokenizer
 from .prompts import encode_prompts_weighted, needs_weighting
@@ -50,8 +50,9 @@ class SeededNoise:
         self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         self.shape, self.device, self.dtype = shape, device, dtype
 
-    def __call__(self) -> Tensor:
-        draws = [torch.randn((1, *self.shape), generator=g, dtype=self.dtype) for g in self.generators]
+    def __call__(self, shape: tuple[int, ...] | None = None) -> Tensor:
+        shape = self.shape if shape is None else shape
+        draws = [torch.randn((1, *shape), generator=g, dtype=self.dtype) for g in self.generators]
         return torch.cat(draws).to(self.device)
 
 
@@ -105,8 +106,8 @@ def _defaults(config: ModelConfig) -> dict:
 
 class Pipeline:
     def __init__(self, parts: ModelParts, tokenizer: CLIPTokenizer | None = None, name: str | None = None):
-        if parts.config.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner"):
-            raise ValueError(f"text-to-image is not available for family {parts.config.family!r} yet")
+        if parts.config.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "sd2-unclip"):
+            raise ValueError(f"no pipeline for model family {parts.config.family!r}")
         self.parts = parts
         # Random and zeroed conditioning drive activations into subnormal floats, which x86 CPUs process
         # up to ~50x slower (measured: 1.9 s -> 0.037 s per tiny UNet call). Flushing them to zero changes
@@ -244,11 +245,12 @@ class Pipeline:
         original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
         callback: Callable[[int, int, Tensor, Tensor], None] | None = None, output_type: str = "pil",
-        noise: SeededNoise | None = None, vae_tile: int | None = None,
+        noise: SeededNoise | None = None, vae_tile: int | None = None, image_prompt=None, noise_level: int = 0,
     ) -> GenerationResult:
         """Generate. Text-to-image by default; with `init_image` (+ `strength`) image-to-image; with `mask`
         (white = repaint) inpainting; with `denoising_end` the base stops early and returns latents for a
-        refiner called with `latents=` and `denoising_start=` (the "ensemble of expert denoisers")."""
+        refiner called with `latents=` and `denoising_start=` (the "ensemble of expert denoisers").
+        unCLIP models take `image_prompt` (image variations) and its `noise_level` in [0, 999]."""
         d = self.defaults
         cfg_model = self.config
         steps = d["steps"] if steps is None else steps
@@ -296,13 +298,17 @@ class Pipeline:
             prompts, negatives, size=(height, width), original_size=original_size, crop=crop, target_size=target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
         )
+        noise = noise or SeededNoise(seeds, (cfg_model.unet.out_channels, height // f, width // f))
+        if cfg_model.family == "sd2-unclip":  # drawn before the initial latent, as diffusers does
+            cond, uncond = self._image_conditioning(cond, uncond, image_prompt, noise_level, noise)
+        elif image_prompt is not None:
+            raise ValueError(f"image_prompt needs an unCLIP model; {self.name} is {cfg_model.family}")
         # DDIM's last step lands on ᾱ_0 (σ_min), not ᾱ = 1, in both CompVis DDIM and diffusers with the SD
         # scheduler configs (`set_alpha_to_one: false`); every other sampler ends at σ = 0.
         final = self.schedule.sigma_min if sampler_name == "ddim" else 0.0
         sigmas_full = make_sigmas(self.schedule, steps, schedule, final=final)
         first, last = self.step_range(steps, sigmas_full, strength, denoising_start, denoising_end)
         sigmas = sigmas_full[first:last + 1]
-        noise = noise or SeededNoise(seeds, (cfg_model.unet.out_channels, height // f, width // f))
 
         # Initial latent: the order of generator draws follows diffusers (posterior sample, then noise).
         concat = image_latents = None
@@ -344,10 +350,12 @@ class Pipeline:
             "denoising_start": denoising_start, "denoising_end": denoising_end,
         }
         notes = list(self.parts.notes)
-        if output_type == "latent" or float(sigmas[-1]) > (self.schedule.sigma_min if sampler_name == "ddim" else 0.0):
+        if float(sigmas[-1]) > final:
             # stopped early (hand-off): return the VE-form latent at sigmas[-1] for the next stage
             return GenerationResult([], x, seeds, settings, notes, noise=noise)
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
+        if output_type == "latent":
+            return GenerationResult([], x, seeds, settings, notes, noise=noise)
         dec = decode_latents(self.parts.vae, x, tile=vae_tile)  # vae_tile: latent tile side, e.g. 64 = 512 px
         if dec.upcast:
             notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
@@ -355,6 +363,22 @@ class Pipeline:
         if mask_t is not None:  # keep unmasked pixels exactly (the VAE round trip would alter them)
             images = image_t * (1 - mask_t) + images * mask_t
         return GenerationResult(latents_to_images(images), x, seeds, settings, notes, noise=noise)
+
+    @torch.no_grad()
+    def _image_conditioning(self, cond: Conditioning, uncond: Conditioning, image_prompt, noise_level: int,
+                            noise: SeededNoise) -> tuple[Conditioning, Conditioning]:
+        """unCLIP: vector = [noise-augmented CLIP image embedding ‖ sinusoid(noise_level)]; uncond vector = 0."""
+        if image_prompt is None:
+            raise ValueError("unCLIP models generate variations of an image: pass image_prompt (CLI: --image-prompt)")
+        enc, norm = self.parts.image_encoder, self.parts.image_normalizer
+        if enc is None or norm is None:
+            raise ValueError("this unCLIP model has no image encoder loaded (official unCLIP single files do not "
+                             "contain it); load the model from a diffusers folder that has image_encoder/")
+        pixels = enc.normalize(clip_image_tensor(load_image(image_prompt), enc.config.image_size))
+        embeds = enc(pixels.to(enc.embeddings.patch_embedding.weight.dtype)).float()  # (1, D)
+        embeds = embeds.expand(len(cond), -1)
+        vec = unclip_vector(embeds, noise_level, norm, noise((embeds.shape[1],)))
+        return Conditioning(cond.context, vec), Conditioning(uncond.context, torch.zeros_like(vec))
 
     def refine(self, refiner: "Pipeline", prompt, negative_prompt=None, *, switch_at: float = 0.8, **kwargs) -> GenerationResult:
         """Base -> refiner hand-off at `switch_at` of the schedule, both on the same σ grid and noise."""
@@ -413,6 +437,18 @@ def image_to_tensor(img: Image.Image, width: int, height: int) -> Tensor:
         img = img.resize((width, height), Image.LANCZOS)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return arr * 2 - 1
+
+
+def clip_image_tensor(img: Image.Image, size: int) -> Tensor:
+    """CLIP preprocessing: shortest side to `size` (bicubic), centre crop, [0, 1] (B=1, 3, size, size)."""
+    w, h = img.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def mask_to_tensor(img: Image.Image, width: int, height: int, blur: float = 0.0) -> Tensor:
