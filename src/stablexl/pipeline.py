@@ -57,7 +57,7 @@ class SeededNoise:
 
 
 def denoise(model, x: Tensor, sigmas: Tensor, sampler: str, noise: SeededNoise,
-            callback: Callable[[int, int, Tensor, Tensor], None] | None = None) -> Tensor:
+            callback: Callable[[int, int, Tensor, Tensor], Tensor | None] | None = None) -> Tensor:
     """Run `sampler` from x at sigmas[0] down the schedule: the loop every pipeline uses."""
     try:
         fn = SAMPLERS[sampler]
@@ -271,6 +271,8 @@ class Pipeline:
         elif mask is not None:
             raise ValueError("a mask needs an init image to inpaint")
         if latents is not None:
+            if mask is not None or init_image is not None:
+                raise ValueError("pass either latents (a hand-off from a base model) or init_image / mask, not both")
             height, width = latents.shape[-2] * f, latents.shape[-1] * f
         width = width or cfg_model.resolution
         height = height or cfg_model.resolution
