@@ -249,3 +249,30 @@ def test_unclip_image_variation_matches_diffusers(tmp_path, noise_level):
     assert err <= 1e-4
     with pytest.raises(ValueError, match="pass image_prompt"):
         pipe("a red apple", steps=2)
+
+
+def test_micro_and_negative_micro_conditions_match_diffusers(sdxl_folder):
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a red apple", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
+               original_size=(32, 48), crops_coords_top_left=(8, 0), target_size=(64, 64),
+               negative_original_size=(16, 16), negative_crops_coords_top_left=(0, 4), negative_target_size=(48, 64),
+               generator=[torch.Generator().manual_seed(2)], output_type="latent").images
+    got = Pipeline.from_pretrained(sdxl_folder)(
+        "a red apple", "blurry", steps=3, cfg=5.0, seed=2, sampler="euler", schedule="leading",
+        original_size=(32, 48), crop=(8, 0), target_size=(64, 64),
+        negative_original_size=(16, 16), negative_crop=(0, 4), negative_target_size=(48, 64))
+    assert R.rel_err(got.latents, want) <= 1e-4
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers():
+    from diffusers import EulerDiscreteScheduler
+
+    from stablexl.diffusion.schedule import NoiseSchedule
+
+    ref = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                 rescale_betas_zero_snr=True)
+    ours = NoiseSchedule.ddpm(zero_terminal_snr=True).alphas_cumprod
+    assert torch.allclose(ours, ref.alphas_cumprod, rtol=1e-5, atol=1e-9)

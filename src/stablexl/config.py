@@ -166,6 +166,8 @@ class ModelConfig:
     prediction: Prediction = "eps"
     resolution: int = 512
     unclip: UnCLIPConfig | None = None
+    # Trained on a schedule rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1); v-prediction models only.
+    zero_terminal_snr: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -115,7 +115,7 @@ class Pipeline:
         torch.set_flush_denormal(True)
         self.tokenizer = tokenizer or default_tokenizer()
         self.name = name or parts.config.name
-        self.schedule = NoiseSchedule.ddpm()
+        self.schedule = NoiseSchedule.ddpm(zero_terminal_snr=parts.config.zero_terminal_snr)
         self.defaults = _defaults(parts.config)
 
     @property
@@ -151,9 +151,11 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative: list[str] | None, *, size: tuple[int, int],
                       original_size=None, crop=(0, 0), target_size=None, aesthetic_score: float = 6.0,
-                      negative_aesthetic_score: float = 2.5) -> tuple[Conditioning, Conditioning]:
+                      negative_aesthetic_score: float = 2.5, negative_original_size=None, negative_crop=None,
+                      negative_target_size=None) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond) for the batch. SDXL base with no negative prompt gets zeroed text embeddings
-        (diffusers `force_zeros_for_empty_prompt`); the micro-conditions stay."""
+        (diffusers `force_zeros_for_empty_prompt`); the micro-conditions stay. Negative micro-conditions
+        default to the positive ones (diffusers `negative_original_size` & co.)."""
         cfg = self.config
         enc = self.parts.text_encoders
         zero_uncond = negative is None and cfg.family == "sdxl-base"
@@ -174,12 +176,13 @@ class Pipeline:
             uctx, upooled = torch.zeros_like(ctx), None if pooled is None else torch.zeros_like(pooled)
         original_size = original_size or size
         target_size = target_size or size
+        n_orig, n_crop, n_target = negative_original_size or original_size, negative_crop or crop, negative_target_size or target_size
         if cfg.family == "sdxl-base":
             vec = sdxl_vector(pooled, original_size, crop, target_size)
-            uvec = sdxl_vector(upooled, original_size, crop, target_size)
+            uvec = sdxl_vector(upooled, n_orig, n_crop, n_target)
         elif cfg.family == "sdxl-refiner":
             vec = refiner_vector(pooled, original_size, crop, aesthetic_score)
-            uvec = refiner_vector(upooled, original_size, crop, negative_aesthetic_score)
+            uvec = refiner_vector(upooled, n_orig, n_crop, negative_aesthetic_score)
         else:
             vec = uvec = None
         return Conditioning(ctx, vec), Conditioning(uctx, uvec)
@@ -244,6 +247,8 @@ class Pipeline:
         latents: Tensor | None = None, denoising_start: float | None = None, denoising_end: float | None = None,
         original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
+        negative_original_size: tuple[int, int] | None = None, negative_crop: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
         callback: Callable[[int, int, Tensor, Tensor], None] | None = None, output_type: str = "pil",
         noise: SeededNoise | None = None, vae_tile: int | None = None, image_prompt=None, noise_level: int = 0,
     ) -> GenerationResult:
@@ -299,6 +304,8 @@ class Pipeline:
         cond, uncond = self.encode_prompt(
             prompts, negatives, size=(height, width), original_size=original_size, crop=crop, target_size=target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+            negative_original_size=negative_original_size, negative_crop=negative_crop,
+            negative_target_size=negative_target_size,
         )
         noise = noise or SeededNoise(seeds, (cfg_model.unet.out_channels, height // f, width // f))
         if cfg_model.family == "sd2-unclip":  # drawn before the initial latent, as diffusers does

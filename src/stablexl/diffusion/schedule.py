@@ -74,7 +74,9 @@ def _rescale_zero_terminal_snr(ac: Tensor) -> Tensor:
     s = ac.sqrt()
     s0, sT = s[0].clone(), s[-1].clone()
     s = (s - sT) * s0 / (s0 - sT)
-    return (s**2).clamp(min=1e-12)  # ᾱ_T = 0 exactly would make σ_T infinite; keep it finite
+    ac = s**2
+    ac[-1] = 2.0**-24  # ᾱ_T = 0 would make σ_T infinite; diffusers' Euler schedulers use 2^-24 (σ_T ≈ 4096)
+    return ac
 
 
 def spaced_timesteps(n: int, spacing: str, num_train: int = 1000, steps_offset: int = 1) -> Tensor:

@@ -282,7 +282,8 @@ def model_config_from_folder(root: Path, name: str) -> tuple[ModelConfig, dict[s
     unet = unet_from_diffusers(unet_d, str(root / "unet" / "config.json"))
     vae = vae_from_diffusers(read_json(root / "vae" / "config.json"), str(root / "vae" / "config.json"))
     sched = root / "scheduler" / "scheduler_config.json"
-    prediction = read_json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
+    sched_cfg = read_json(sched) if sched.is_file() else {}
+    prediction = sched_cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise _err(sched, f"prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
 
@@ -318,6 +319,7 @@ def model_config_from_folder(root: Path, name: str) -> tuple[ModelConfig, dict[s
         name=name, family=family, unet=unet, vae=vae, text_encoders=tuple(specs),
         prediction="v" if prediction == "v_prediction" else "eps",
         resolution=8 * int(unet_d.get("sample_size", 64)), unclip=unclip,
+        zero_terminal_snr=bool(sched_cfg.get("rescale_betas_zero_snr", False)),
     )
     return config, index
 
@@ -398,6 +400,7 @@ def scheduler_config_for(config: ModelConfig) -> dict[str, Any]:
         "timestep_spacing": "leading", "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False,
         # as in the hub SD/SDXL scheduler configs, so other schedulers built from this one behave as there
         "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0,
+        "rescale_betas_zero_snr": config.zero_terminal_snr,
     }
 
 
