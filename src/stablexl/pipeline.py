@@ -7,7 +7,6 @@ inpainting and the refiner hand-off are other initial latents / σ slices / mask
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import shutil
 
 import pytest
 import torch

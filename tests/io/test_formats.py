@@ -1,6 +1,5 @@
 """Our format, dtypes, fp16 variants, the Hugging Face cache layout, and `stablexl convert`."""
 
-import shutil
 
 import pytest
 import torch

@@ -37,7 +37,7 @@ from .checkpoint import (
     CheckpointError, Plan, SafetensorsSource, TensorSource, atomic_save_safetensors, check_finite, check_plans,
     iter_rules_out, load_plans, open_tensor_file, parse_dtype,
 )
-from .keymaps import Rule, openclip_text_rules, single_file_layout
+from .keymaps import Rule, single_file_layout
 
 FORMAT_KEY, CONFIG_KEY, FORMAT_VERSION = "stablexl.format", "stablexl.config", "1"
 Format = Literal["stablexl", "single-file", "diffusers"]
