@@ -63,6 +63,10 @@ def _generate(args: argparse.Namespace) -> int:
         schedule=args.schedule, batch=args.batch, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
         callback=None if args.quiet else ProgressBar("generate"),
     )
+    if pipe.config.family.startswith("sdxl"):
+        kwargs.update(original_size=tuple(args.original_size) if args.original_size else None,
+                      crop=tuple(args.crop) if args.crop else (0, 0),
+                      target_size=tuple(args.target_size) if args.target_size else None)
     if args.image_prompt:
         kwargs.update(image_prompt=args.image_prompt, noise_level=args.noise_level)
     if args.init_image:
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="text-to-image", description="Generate images from a prompt.")
+                       help="generate images: text-to-image, image-to-image, inpainting, refiner, variations",
+                       description="Generate images from a prompt (and optionally an init image, a mask, a refiner).")
     g.add_argument("prompt")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (SDXL: none = zeroed uncond)")
     g.add_argument("--model", default="tiny-sdxl",
@@ -125,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-to-image: share of the schedule re-run (0-1]; default 0.3 SDXL, 0.8 SD, 1.0 inpaint UNets")
     g.add_argument("--mask", default=None, help="inpainting: greyscale mask, white = repaint (same size as the image)")
     g.add_argument("--mask-blur", type=float, default=0.0, help="inpainting: Gaussian blur (pixels) of the mask edge")
+    g.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-condition: the size the model should believe the source had (default: output size)")
+    g.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                   help="SDXL micro-condition: crop coordinates (default 0 0 = centred, whole objects)")
+    g.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL micro-condition: target size (default: output size)")
     g.add_argument("--image-prompt", default=None, help="unCLIP models: make variations of this image")
     g.add_argument("--noise-level", type=int, default=0, help="unCLIP: noise added to the image embedding, 0-999")
     g.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: hand off the last steps to it")
