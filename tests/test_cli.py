@@ -64,3 +64,11 @@ class _noop:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_seed_is_random_when_not_given(tmp_path, capsys):
+    seeds = set()
+    for k in range(3):
+        main(["generate", "x", "--steps", "1", "--output", str(tmp_path / f"{k}.png"), "--quiet"])
+        seeds.add(capsys.readouterr().out.split("(seed ")[1].split(")")[0])
+    assert len(seeds) == 3

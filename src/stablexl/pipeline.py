@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -131,8 +132,9 @@ class Pipeline:
             if not name.startswith("tiny-"):
                 raise ValueError(f"preset {name!r} names an architecture, not weights; pass the path of its checkpoint "
                                  "(.safetensors file or diffusers folder)")
-            torch.manual_seed(0)
-            parts = build_parts(PRESETS[name], device="cpu").eval()
+            with torch.random.fork_rng(devices=[]):  # deterministic weights without touching the caller's RNG
+                torch.manual_seed(0)
+                parts = build_parts(PRESETS[name], device="cpu").eval()
             parts.notes.append(f"{name}: randomly initialised weights (seed 0), not a trained model")
             if dtype is not None:
                 from .io.checkpoint import parse_dtype
@@ -297,7 +299,7 @@ class Pipeline:
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            seed = secrets.randbelow(2**31 - 1)  # from the OS, independent of torch's global RNG
         seeds = [seed + k for k in range(len(prompts))]
 
         cond, uncond = self.encode_prompt(
