@@ -70,5 +70,6 @@ def test_seed_is_random_when_not_given(tmp_path, capsys):
     seeds = set()
     for k in range(3):
         main(["generate", "x", "--steps", "1", "--output", str(tmp_path / f"{k}.png"), "--quiet"])
-        seeds.add(capsys.readouterr().out.split("(seed ")[1].split(")")[0])
+        wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+        seeds.add(wrote[0].rsplit("(seed ", 1)[1].rstrip(")"))
     assert len(seeds) == 3
