@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..names import SAMPLER_NAMES, resolve_sampler  # noqa: F401  (re-exported)
+
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
 Callback = Callable[[int, int, Tensor, Tensor], Tensor | None] | None
@@ -184,23 +186,4 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "lcm": sample_lcm,
 }
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm"}
-
-# A1111 display names -> (sampler, schedule or None) (reference/peers.md §1c).
-A1111_ALIASES: dict[str, tuple[str, str | None]] = {
-    "euler": ("euler", None), "euler a": ("euler_ancestral", None), "heun": ("heun", None),
-    "dpm++ 2m": ("dpmpp_2m", None), "dpm++ 2m karras": ("dpmpp_2m", "karras"),
-    "dpm++ 2m sde": ("dpmpp_2m_sde", None), "dpm++ 2m sde karras": ("dpmpp_2m_sde", "karras"),
-    "ddim": ("ddim", None), "ddpm": ("ddpm", None), "lcm": ("lcm", None),
-}
-
-
-def resolve_sampler(name: str) -> tuple[str, str | None]:
-    """Our name or an A1111 display name -> (our sampler name, schedule implied by the name or None)."""
-    key = name.strip()
-    if key in SAMPLERS:
-        return key, None
-    alias = A1111_ALIASES.get(key.lower())
-    if alias is None:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)} "
-                         f"(A1111 names such as 'Euler a' and 'DPM++ 2M Karras' are accepted too)")
-    return alias
+assert set(SAMPLERS) == set(SAMPLER_NAMES)

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..names import SCHEDULE_NAMES
+
 Spacing = Literal["leading", "trailing", "linspace", "karras", "exponential"]
-SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace", "karras", "exponential")
+SPACINGS: tuple[str, ...] = SCHEDULE_NAMES
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .. import __version__
-
-# our sampler / schedule names -> A1111 display names
-A1111_SAMPLER = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                 "dpmpp_2m_sde": "DPM++ 2M SDE", "ddim": "DDIM", "ddpm": "DDPM", "lcm": "LCM"}
-A1111_SCHEDULE = {"karras": "Karras", "exponential": "Exponential", "leading": "Automatic",
-                  "trailing": "SGM Uniform", "linspace": "Uniform"}
+from ..names import A1111_SAMPLER, A1111_SCHEDULE  # one table, shared with the samplers
 
 
 def _value(v) -> str:
