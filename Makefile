@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/stablexl generate "grinning face" --model tiny-sdxl --steps 20 --seed 1 --output demo.png
 
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --basetemp=.pytest_tmp  # per-clone tmp: concurrent runs never clean up each other
 
 bench: install-test
 	$(BIN)/python benchmarks/load_sdxl_single_file.py
