@@ -27,8 +27,14 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(BIN)/stablexl generate "grinning face" --model tiny-sdxl --steps 20 --seed 1 --output demo.png
 
+# Per-clone tmp (--basetemp) so concurrent runs never clean up each other. The full-size parity modules
+# run in processes of their own: each test needs up to 15 GB, and a fresh process keeps earlier tests'
+# leftovers from adding to that peak on a 24 GB machine.
+PYTEST := $(BIN)/python -m pytest -q --basetemp=.pytest_tmp
 test: install-test
-	$(BIN)/python -m pytest -q --basetemp=.pytest_tmp  # per-clone tmp: concurrent runs never clean up each other
+	$(PYTEST) -m "not fullsize"
+	$(PYTEST) -m fullsize tests/models/test_parity_fullsize.py
+	$(PYTEST) -m fullsize tests/test_pipeline_fullsize.py
 
 bench: install-test
 	$(BIN)/python benchmarks/load_sdxl_single_file.py
