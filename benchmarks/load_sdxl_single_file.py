@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import run_child
+
 OURS = r"""
 import resource, sys, time, torch
 t0 = time.perf_counter()
@@ -69,13 +71,6 @@ def write_random_sdxl(path: Path) -> None:
     save_file(tensors, str(path))
 
 
-def run(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return eval(out.stdout.strip().splitlines()[-1])  # our own dict literal
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--file", default=os.path.join(tempfile.gettempdir(), "stablexl_bench_sdxl_fp16.safetensors"))
@@ -96,8 +91,8 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {"stablexl": [], "diffusers": []}
     for _ in range(args.repeats):  # interleaved, so both see the same page-cache state
-        results["stablexl"].append(run(OURS, str(path)))
-        results["diffusers"].append(run(DIFFUSERS, str(path), str(cfg_dir)))
+        results["stablexl"].append(run_child(OURS, str(path)))
+        results["diffusers"].append(run_child(DIFFUSERS, str(path), str(cfg_dir)))
 
     print(f"file: {path} ({size_mb:.0f} MB fp16, SDXL base with both text encoders and the VAE)")
     print(f"{'loader':10s} {'load s (median)':>16s} {'load+touch s':>13s} {'peak RSS MB':>12s} {'RSS / file':>11s}")

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _bench import run_child
+
 OURS = r"""
 import resource, sys, time, torch
 from stablexl.pipeline import Pipeline
@@ -80,13 +82,6 @@ def write_folder(root: Path) -> None:
         gc.collect()
 
 
-def run(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return eval(out.stdout.strip().splitlines()[-1])  # our own dict literal
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "stablexl_bench_sdxl_diffusers"))
@@ -99,8 +94,8 @@ def main() -> None:
     print(f"SDXL base fp32, random weights ({root}); Euler, CFG 5, {args.steps} steps; torch threads = cores")
     print(f"{'size':>5s} {'impl':10s} {'s/step (median)':>16s} {'total s':>9s} {'peak RSS MB':>12s}")
     for size in args.sizes:
-        res = {"stablexl": run(OURS, str(root), str(size), str(args.steps)),
-               "diffusers": run(DIFFUSERS, str(root), str(size), str(args.steps))}
+        res = {"stablexl": run_child(OURS, str(root), str(size), str(args.steps)),
+               "diffusers": run_child(DIFFUSERS, str(root), str(size), str(args.steps))}
         for name, r in res.items():
             print(f"{size:5d} {name:10s} {statistics.median(r['step_s']):16.2f} {r['total_s']:9.1f} {r['peak_rss_mb']:12.0f}")
         o, d = res["stablexl"], res["diffusers"]
