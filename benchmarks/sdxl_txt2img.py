@@ -15,7 +15,6 @@ import argparse
 import gc
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
