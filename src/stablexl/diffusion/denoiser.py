@@ -54,5 +54,29 @@ class Denoiser:
     def to_eps(self, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
         return (x - x0) / _bcast(sigma, x)
 
+    # Training (the same parameterisation seen from the data side) ----------------------------------
+
+    def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε at integer timesteps t (B,): the network input c_in·(x0 + σε), formed
+        without σ so that zero-terminal-SNR schedules (σ = ∞ at the last step) train too."""
+        ac = self.schedule.alphas_cumprod.to(x0.device)[t]
+        return _bcast(ac.sqrt(), x0) * x0 + _bcast((1 - ac).sqrt(), x0) * noise
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network should output: ε, or v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022, §4)."""
+        if self.prediction == "eps":
+            return noise
+        ac = self.schedule.alphas_cumprod.to(x0.device)[t]
+        return _bcast(ac.sqrt(), x0) * noise - _bcast((1 - ac).sqrt(), x0) * x0
+
+    def train_output(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Raw network output for the VP-form input x_t at integer timesteps t (B,)."""
+        inp = x_t if self.concat is None else torch.cat([x_t, self.concat.to(x_t)], dim=1)
+        return self.unet(inp, t, cond.context, cond.vector)
+
+    def snr(self, t: Tensor) -> Tensor:
+        ac = self.schedule.alphas_cumprod.to(t.device)[t]
+        return ac / (1 - ac)
+
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         return self.to_x0(x, sigma, self.predict(x, sigma, cond))

@@ -107,15 +107,21 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv."""
+    """Nearest x2 (or to `size`, the skip's size, when a side was odd on the way down) then 3x3 conv.
+
+    Sizes not divisible by 2^(levels−1) round up on the way down; like diffusers' `upsample_size`, the
+    way up then resizes to the skip connection's size instead of doubling."""
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         dtype = x.dtype
         if dtype == torch.bfloat16:  # nearest upsampling in bf16 is not supported everywhere
             x = x.float()
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
+        if size is not None and tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            x = F.interpolate(x, size=tuple(size), mode="nearest").to(dtype)
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest").to(dtype)
         return self.conv(x)

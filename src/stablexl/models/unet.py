@@ -9,6 +9,7 @@ state-dict layout on purpose, so a diffusers folder loads without renaming; the 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -172,12 +173,14 @@ class UpLevel(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(width)]) if upsample else None
 
     def forward(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor) -> Tensor:
+        n = len(self.resnets)
+        size = skips[-n - 1].shape[-2:] if len(skips) > n else None  # the next level's skip size
         for j, res in enumerate(self.resnets):
             x = res(torch.cat([x, skips.pop()], dim=1), emb)  # (B, width, H, W)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)  # (B, width, 2H, 2W)
+            x = self.upsamplers[0](x, size)  # (B, width, 2H, 2W)
         return x
 
 
@@ -224,6 +227,8 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, mc, eps=1e-5)
         self.conv_out = nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+        # Recompute each level's activations in the backward pass instead of storing them (training only).
+        self.gradient_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -249,12 +254,29 @@ class UNet(nn.Module):
             emb = emb + self.add_embedding(y.to(self.dtype))  # (B, 4mc)
         context = context.to(self.dtype)
 
+        run = self._checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() else _call
         h = self.conv_in(x.to(self.dtype))  # (B, mc, H, W)
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, emb, context)  # (B, w_l, H/2^l, W/2^l)
+            h, s = run(block, h, emb, context)  # (B, w_l, H/2^l, W/2^l)
             skips += s
-        h = self.mid_block(h, emb, context)  # (B, w_last, H/2^(n-1), W/2^(n-1))
+        h = run(self.mid_block, h, emb, context)  # (B, w_last, H/2^(n-1), W/2^(n-1))
         for block in self.up_blocks:
-            h = block(h, skips, emb, context)  # (B, w_l, ...)
+            h = run(block, h, skips, emb, context)  # (B, w_l, ...)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out, H, W)
+
+    @staticmethod
+    def _checkpointed(block: nn.Module, *args):
+        if isinstance(block, UpLevel):  # it pops its skips: hand it a copy so a recomputation sees the same list
+            x, skips, emb, context = args
+            n = len(block.resnets)
+            mine = skips[-n - 1:]  # its n skips and the next one, whose size it upsamples to
+            out = torch.utils.checkpoint.checkpoint(lambda x, e, c, *s: block(x, list(s), e, c), x, emb, context,
+                                                    *mine, use_reentrant=False)
+            del skips[-n:]
+            return out
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+
+
+def _call(block: nn.Module, *args):
+    return block(*args)

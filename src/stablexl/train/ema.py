@@ -1,0 +1,62 @@
+"""Exponential moving average of weights with warm-up (sgm `LitEma`; diffusers `EMAModel`).
+
+decay_n = min(decay, (1 + n) / (10 + n)) for update n (sgm ema.py), so early averages follow the
+weights closely instead of being dominated by the random initialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    def current_decay(self) -> float:
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = self.current_decay()
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k].to(p.dtype))
+
+    @contextlib.contextmanager
+    def swapped_in(self, module: nn.Module):
+        """Run with the EMA weights, then restore the raw ones (sgm `ema_scope`)."""
+        saved = {k: p.detach().clone() for k, p in module.named_parameters() if k in self.shadow}
+        self.copy_to(module)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for k, p in module.named_parameters():
+                    if k in saved:
+                        p.copy_(saved[k])
+
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}{k}": v for k, v in self.shadow.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str, updates: int) -> None:
+        missing = [k for k in self.shadow if f"{prefix}{k}" not in tensors]
+        if missing:
+            raise ValueError(f"EMA state is missing {len(missing)} tensors, e.g. {missing[0]}")
+        for k in self.shadow:
+            self.shadow[k].copy_(tensors[f"{prefix}{k}"])
+        self.updates = updates

@@ -1,0 +1,363 @@
+"""The one training loop: every trainer (UNet, VAE, CLIP) is a `Task` run by `train()`.
+
+The loop owns what is common: processes (torchrun / DDP; gloo on CPU, NCCL on GPUs), optimizers with
+linear warm-up then constant LR (sgm `LambdaLinearScheduler`), gradient accumulation and clipping, bf16
+autocast, EMA, atomic checkpoints with resume, the JSONL log, the loss plot, sample grids and a progress
+line. A task owns its models, data and loss.
+
+Determinism: every random draw of micro-step k (data order, augmentation, noise, timesteps, dropout)
+comes from generators seeded with (seed, k) over the *global* batch, and each rank takes its slice, so
+1 process and N processes with the same global batch follow the same trajectory, and a resumed run
+continues exactly where the killed one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .ema import EMA
+from .state import latest_state, load_optimizer, load_state, optimizer_tensors, restore_rng, rng_tensors, save_state
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # global images per micro-step (split over processes)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.0  # 0 disables EMA
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    fsdp: bool = False
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch size and gradient accumulation must be at least 1")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {self.lr}")
+
+
+@dataclass
+class Context:
+    """What a task sees of the run."""
+
+    config: TrainConfig
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    models: dict[str, nn.Module] = field(default_factory=dict)  # possibly DDP-wrapped, for forward passes
+
+    def generator(self, *key: int) -> torch.Generator:
+        """A CPU generator that depends only on (seed, key): draw over the global batch, then `local()`."""
+        g = torch.Generator()
+        g.manual_seed(hash((self.config.seed,) + key) & 0x7FFFFFFFFFFFFFFF)
+        return g
+
+    def local(self, t: Tensor) -> Tensor:
+        """This rank's slice of a tensor drawn over the global batch (dim 0)."""
+        n = t.shape[0] // self.world
+        return t[self.rank * n:(self.rank + 1) * n].to(self.device)
+
+
+@dataclass
+class OptimizerSpec:
+    name: str
+    modules: list[str]  # task.modules() keys whose parameters this optimizer updates
+    lr: float | None = None  # None: the run's --lr
+    betas: tuple[float, float] | None = None
+    weight_decay: float | None = None
+
+
+class Task(Protocol):
+    name: str
+
+    def modules(self) -> dict[str, nn.Module]: ...  # trainable modules (wrapped for DDP)
+    def optimizers(self) -> list[OptimizerSpec]: ...
+    def images_per_step(self) -> int: ...
+    def loss(self, ctx: Context, micro_step: int) -> tuple[str, Tensor, dict[str, float]]: ...
+    def sample_grid(self, ctx: Context, step: int): ...  # PIL image or None
+    def save(self, out: Path, ctx: Context) -> Path: ...  # final weights in our model format
+    def config_json(self) -> dict: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; a single process when not launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _wrap(module: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    if world == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard(module)  # FSDP2: parameters become DTensor shards; the module stays the same object
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor shard -> the whole tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs: log, plot, progress
+# --------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    def __init__(self, total: int, start: int, stream=sys.stderr):
+        self.total, self.start, self.stream, self.t0 = total, start, stream, time.perf_counter()
+
+    def __call__(self, step: int, logs: dict[str, float], images_per_step: int) -> None:
+        done = step + 1 - self.start
+        dt = time.perf_counter() - self.t0
+        rate = done / dt if dt > 0 else 0.0
+        eta = (self.total - step - 1) / rate if rate > 0 else 0.0
+        losses = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss"))
+        bar = "#" * int(20 * (step + 1) / self.total)
+        self.stream.write(f"\r[{bar:<20}] {step + 1}/{self.total} {losses} {rate:.2f} it/s "
+                          f"{rate * images_per_step:.1f} img/s ETA {eta:.0f}s ")
+        if step + 1 == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint the run continues from."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str | bool | None = None,
+          progress: bool = True, stop_after: int | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> Path | None:
+    """Run `task` for `cfg.steps` optimizer steps, writing into `out`. Returns the final weights' path
+    (on rank 0). `resume`: True/"auto" = the latest state in `out`, or a state file path."""
+    out = Path(out)
+    rank, world, device = init_distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+    existing = latest_state(out) if out.is_dir() else None
+    if existing is not None and not resume:
+        raise ValueError(f"{out} already holds a run ({existing.name}); pass --resume to continue it "
+                         "or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+
+    raw = task.modules()
+    for m in raw.values():
+        m.to(device).train()
+    models = {k: _wrap(m, cfg, world, device) for k, m in raw.items()}
+    ctx = Context(cfg, rank, world, device, models)
+    opts: dict[str, torch.optim.Optimizer] = {}
+    for spec in task.optimizers():
+        params = [p for k in spec.modules for p in raw[k].parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and norms (nanoGPT)
+        rest = [p for p in params if p.ndim < 2]
+        wd = cfg.weight_decay if spec.weight_decay is None else spec.weight_decay
+        opts[spec.name] = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
+            lr=spec.lr or cfg.lr, betas=spec.betas or cfg.betas)
+    base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
+    emas = {k: EMA(m, cfg.ema_decay) for k, m in raw.items()} if cfg.ema_decay > 0 else {}
+
+    start = 0
+    if resume:
+        path = latest_state(out) if resume in (True, "auto") else Path(resume)
+        if path is None:
+            raise ValueError(f"--resume: no state-*.safetensors in {out}; start without --resume")
+        tensors, meta = load_state(path)
+        for k, m in raw.items():
+            _load_module(m, tensors, f"model.{k}.")
+        for name, o in opts.items():
+            load_optimizer(o, name, tensors, meta["optim"][name])
+        for k, e in emas.items():
+            e.load_state_tensors(tensors, f"ema.{k}.", meta["ema_updates"])
+        restore_rng(tensors, meta["rng"])
+        start = meta["step"]
+        if rank == 0:
+            _trim_log(out / "log.jsonl", start)
+            print(f"resumed {path} at step {start}", file=sys.stderr)
+    if rank == 0:
+        (out / "run.json").write_text(json.dumps({"task": task.name, "train": _jsonable(dataclasses.asdict(cfg)),
+                                                  "world": world, **task.config_json()}, indent=1))
+
+    show = Progress(cfg.steps, start) if progress and rank == 0 else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    t_last, steps_since = time.perf_counter(), 0
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            lr_scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+            logs: dict[str, float] = {}
+            used: set[str] = set()
+            for micro in range(cfg.grad_accum):
+                last = micro == cfg.grad_accum - 1
+                syncs = [m.no_sync() for m in models.values() if hasattr(m, "no_sync") and not last]
+                with contextlib.ExitStack() as stack:
+                    for s in syncs:
+                        stack.enter_context(s)
+                    with autocast:
+                        name, loss, parts = task.loss(ctx, step * cfg.grad_accum + micro)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower --lr or use --precision fp32")
+                    (loss / cfg.grad_accum).backward()
+                used.add(name)
+                for k, v in parts.items():
+                    logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+            for name in used:
+                o = opts[name]
+                for g, base in zip(o.param_groups, base_lrs[name]):
+                    g["lr"] = base * lr_scale
+                params = [p for g in o.param_groups for p in g["params"]]
+                if cfg.grad_clip > 0:
+                    logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                o.step()
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            for k, e in emas.items():
+                e.update(raw[k])
+            steps_since += 1
+            logs["lr"] = cfg.lr * lr_scale
+            if show:
+                show(step, logs, task.images_per_step() * cfg.grad_accum)
+            if on_step:
+                on_step(step, logs)
+            done = step + 1
+            if log and (done % cfg.log_every == 0 or done == cfg.steps):
+                now = time.perf_counter()
+                rate = steps_since / (now - t_last)
+                log.write(json.dumps({"step": done, **{k: round(v, 6) for k, v in logs.items()}, "it_s": round(rate, 4),
+                                      "images_s": round(rate * task.images_per_step() * cfg.grad_accum, 3),
+                                      "time": round(time.time(), 1)}) + "\n")
+                log.flush()
+                t_last, steps_since = now, 0
+            if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
+                _samples(task, ctx, emas, raw, out, done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _checkpoint(out, done, raw, opts, emas, cfg, rank)
+            if stop_after is not None and done >= stop_after:
+                return None
+    finally:
+        if log:
+            log.close()
+    _samples(task, ctx, emas, raw, out, cfg.steps)
+    result = None
+    if rank == 0:
+        from .plot import plot_log
+
+        plot_log(out / "log.jsonl", out / "loss.png")
+        with _ema_weights(emas, raw):
+            result = task.save(out, ctx)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+@contextlib.contextmanager
+def _ema_weights(emas: dict[str, EMA], raw: dict[str, nn.Module]):
+    with contextlib.ExitStack() as stack:
+        for k, e in emas.items():
+            stack.enter_context(e.swapped_in(raw[k]))
+        yield
+
+
+def _samples(task: Task, ctx: Context, emas, raw, out: Path, step: int) -> None:
+    if ctx.rank != 0:
+        return
+    with _ema_weights(emas, raw), torch.no_grad():
+        for m in raw.values():
+            m.eval()
+        try:
+            grid = task.sample_grid(ctx, step)
+        finally:
+            for m in raw.values():
+                m.train()
+    if grid is not None:
+        (out / "samples").mkdir(exist_ok=True)
+        grid.save(out / "samples" / f"step-{step:07d}.png")
+
+
+def _load_module(m: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"training state does not match the model ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected tensors under {prefix!r}); resume with the same task and --config")
+
+
+def _checkpoint(out: Path, step: int, raw, opts, emas, cfg: TrainConfig, rank: int) -> None:
+    tensors: dict[str, Tensor] = {}
+    for k, m in raw.items():
+        tensors.update({f"model.{k}.{n}": _full(t) for n, t in m.state_dict().items()})
+    for k, e in emas.items():
+        tensors.update({n: _full(t) for n, t in e.state_tensors(f"ema.{k}.").items()})
+    optim_meta = {}
+    for name, o in opts.items():
+        t, m = optimizer_tensors(o, name)
+        tensors.update({n: _full(v) for n, v in t.items()})
+        optim_meta[name] = m
+    rt, rmeta = rng_tensors()
+    tensors.update(rt)
+    if rank != 0:
+        return
+    meta = {"step": step, "optim": optim_meta, "rng": rmeta,
+            "ema_updates": next(iter(emas.values())).updates if emas else 0}
+    save_state(out / f"state-{step:08d}.safetensors", tensors, meta)
+    states = sorted(out.glob("state-*.safetensors"))
+    for old in states[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        old.unlink()
+

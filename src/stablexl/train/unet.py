@@ -1,0 +1,193 @@
+"""UNet training: the SDXL recipe (reference/training.md §1).
+
+ε-prediction (v optional) on the 1000-step DDPM schedule with uniform integer timesteps (sgm
+`DiscreteSampling`), loss ||F − target||² averaged per sample (sgm `StandardDiffusionLoss` with
+`EpsWeighting`, which reduces to plain ε-MSE), optional Min-SNR-γ weighting (Hang et al. 2023:
+min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v), optional offset noise randn(B, C, 1, 1)·level.
+Conditioning dropout is per embedder and by zeroing (sgm `GeneralConditioner` ucg_rate): the text
+(context and pooled vector together, which is what SDXL's zeroed negative prompt is at inference),
+original size, crop and target size are each dropped independently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.schedule import NoiseSchedule
+from ..io.models import save_model
+from ..models.conditioning import Conditioning, encode_text, micro_embedding
+from ..models.parts import ModelParts
+from ..models.tokenizer import default_tokenizer
+from .data import TrainData
+from .loop import Context, OptimizerSpec
+
+
+@dataclass(frozen=True)
+class UNetTrainOptions:
+    prediction: str | None = None  # None: the model config's
+    dropout_text: float = 0.1
+    dropout_original_size: float = 0.1
+    dropout_crop: float = 0.1
+    dropout_target_size: float = 0.0
+    offset_noise: float = 0.0
+    min_snr_gamma: float = 0.0  # 0: off
+    cache_latents: bool = False  # encode each image once (its crop and flip then stay fixed, as in kohya)
+    cache_text: bool = True  # the text towers are frozen: encode each caption once
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    sample_cfg: float = 5.0
+
+
+class UNetTask:
+    name = "unet"
+
+    def __init__(self, parts: ModelParts, data: TrainData, options: UNetTrainOptions = UNetTrainOptions(),
+                 *, gradient_checkpointing: bool = False):
+        cfg = parts.config
+        if cfg.family not in ("sdxl-base", "sd1", "sd2"):
+            raise ValueError(f"UNet training supports sdxl-base, sd1 and sd2 models, not {cfg.family!r}")
+        if cfg.unet.in_channels != cfg.vae.latent_channels:
+            raise ValueError("training inpainting UNets (extra input channels) is not supported")
+        self.parts, self.data, self.opt = parts, data, options
+        prediction = options.prediction or cfg.prediction
+        self.denoiser = Denoiser(parts.unet, NoiseSchedule.ddpm(zero_terminal_snr=cfg.zero_terminal_snr), prediction)
+        self.tokenizer = default_tokenizer()
+        for m in [parts.vae, *parts.text_encoders]:
+            m.eval().requires_grad_(False)
+        parts.unet.requires_grad_(True)
+        parts.unet.gradient_checkpointing = gradient_checkpointing
+        self._text: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._latents: dict[int, tuple[Tensor, Tensor, tuple, tuple, tuple, str]] = {}
+
+    # -- Task protocol ------------------------------------------------------------------------------
+
+    def modules(self):
+        return {"unet": self.parts.unet}
+
+    def optimizers(self):
+        return [OptimizerSpec("unet", ["unet"])]
+
+    def images_per_step(self) -> int:
+        return self.data.batcher.batch_size
+
+    def config_json(self) -> dict:
+        return {"model": self.parts.config.to_dict(), "options": dataclasses.asdict(self.opt),
+                "images": len(self.data.records), "buckets": {f"{h}x{w}": len(g) for (h, w), g in self.data.batcher.groups.items()}}
+
+    # -- conditioning -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_captions(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
+        """Captions -> (context (B, T, C), pooled (B, P) or None), cached per caption when enabled."""
+        todo = [c for c in dict.fromkeys(captions) if c not in self._text]
+        if todo:
+            cfg = self.parts.config
+            ids = [self.tokenizer(todo, pad_id=spec.pad_id) for spec in cfg.text_encoders]
+            context, pooled = encode_text(cfg, self.parts.text_encoders, ids)
+            new = {c: (context[i].float(), None if pooled is None else pooled[i].float()) for i, c in enumerate(todo)}
+            if not self.opt.cache_text:
+                return self._stack(captions, new)
+            self._text.update(new)
+        return self._stack(captions, self._text)
+
+    @staticmethod
+    def _stack(captions, table) -> tuple[Tensor, Tensor | None]:
+        ctx = torch.stack([table[c][0] for c in captions])
+        pooled = None if table[captions[0]][1] is None else torch.stack([table[c][1] for c in captions])
+        return ctx, pooled
+
+    def conditioning(self, captions, original_size: Tensor, crop: Tensor, target: Tensor, keep: Tensor) -> Conditioning:
+        """keep (B, 4) in {0, 1}: text, original size, crop, target size (0 = dropped, i.e. zeroed)."""
+        context, pooled = self.encode_captions(captions)
+        k_text = keep[:, 0].reshape(-1, 1, 1)
+        context = context * k_text
+        if self.parts.config.family != "sdxl-base":
+            return Conditioning(context)
+        parts = [pooled * keep[:, :1]]
+        for j, v in enumerate((original_size, crop, target), start=1):
+            parts.append(micro_embedding(v) * keep[:, j:j + 1])  # (B, 2·256) each
+        return Conditioning(context, torch.cat(parts, dim=1))
+
+    # -- latents ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def latents(self, ctx: Context, data_step: int, gen: torch.Generator):
+        """This rank's (z0, captions, original, crop, target) for one micro-step."""
+        vae, sf = self.parts.vae, self.parts.config.vae.scaling_factor
+        if not self.opt.cache_latents:
+            b = self.data.batch(data_step, ctx.rank, ctx.world)
+            post = vae.encode(b.pixels.to(ctx.device))
+            noise = ctx.local(torch.randn((b.pixels.shape[0] * ctx.world, *post.mean.shape[1:]), generator=gen))
+            return (post.mean + post.std * noise) * sf, b.captions, b.original_size, b.crop, b.target_size
+        epoch, bucket, idx = self.data.batcher.batch(data_step)
+        mine = idx[ctx.rank * (len(idx) // ctx.world):(ctx.rank + 1) * (len(idx) // ctx.world)]
+        todo = [i for i in mine if i not in self._latents]
+        for i in todo:
+            s = self.data.sample(i, 0, bucket)  # fixed augmentation: epoch 0's crop and flip
+            if s is None:
+                continue
+            post = vae.encode(s.pixels[None].to(ctx.device))
+            self._latents[i] = (post.mean[0], post.logvar[0], s.original_size, s.crop, s.target_size, s.caption)
+        rows = [self._latents[i] for i in mine if i in self._latents]
+        mean, logvar = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+        noise = ctx.local(torch.randn((len(idx), *mean.shape[1:]), generator=gen))[:len(rows)]
+        z = (mean + torch.exp(0.5 * logvar) * noise) * sf
+        f = lambda j: torch.tensor([r[j] for r in rows], dtype=torch.float32)  # noqa: E731
+        return z, [r[5] for r in rows], f(2), f(3), f(4)
+
+    # -- the loss -----------------------------------------------------------------------------------
+
+    def loss(self, ctx: Context, data_step: int):
+        o = self.opt
+        gen = ctx.generator(data_step)
+        z0, captions, orig, crop, target = self.latents(ctx, data_step, gen)
+        B = self.data.batcher.batch_size  # global: every random draw is over the global batch, then sliced
+        n = z0.shape[0]
+        t = ctx.local(torch.randint(0, self.denoiser.schedule.num_train_timesteps, (B,), generator=gen))[:n]
+        noise = ctx.local(torch.randn((B, *z0.shape[1:]), generator=gen))[:n]
+        offset = ctx.local(torch.randn((B, z0.shape[1], 1, 1), generator=gen))[:n]
+        if o.offset_noise:
+            noise = noise + o.offset_noise * offset  # SDXL paper §2.5 (stage 3: 0.05)
+        rates = torch.tensor([o.dropout_text, o.dropout_original_size, o.dropout_crop, o.dropout_target_size])
+        keep = ctx.local((torch.rand((B, 4), generator=gen) >= rates).float())[:n]
+        cond = self.conditioning(captions, orig.to(ctx.device), crop.to(ctx.device), target.to(ctx.device), keep)
+
+        unet = ctx.models["unet"]  # the DDP-wrapped module when distributed
+        den = self.denoiser
+        x_t = den.noised(z0, noise, t)
+        out = unet(x_t, t, cond.context, cond.vector).float()
+        target_v = den.target(z0, noise, t)
+        per_sample = (out - target_v).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if o.min_snr_gamma > 0:
+            snr = den.snr(t)
+            w = snr.clamp(max=o.min_snr_gamma) / (snr if den.prediction == "eps" else snr + 1)
+            per_sample = per_sample * w
+        loss = per_sample.mean()
+        return "unet", loss, {"loss": float(loss.detach())}
+
+    # -- outputs ------------------------------------------------------------------------------------
+
+    def sample_grid(self, ctx: Context, step: int):
+        prompts = list(self.opt.sample_prompts) or list(dict.fromkeys(r.caption for r in self.data.records))[:8]
+        if not prompts:
+            return None
+        from ..pipeline import Pipeline
+        from .grid import image_grid
+
+        pipe = Pipeline(self.parts, self.tokenizer, name=f"step {step}")
+        h, w = self.parts.config.resolution, self.parts.config.resolution
+        images = []
+        for k, p in enumerate(prompts):
+            images += pipe(p, steps=self.opt.sample_steps, cfg=self.opt.sample_cfg, seed=k, width=w, height=h,
+                           sampler="dpmpp_2m", schedule="karras").images
+        return image_grid(images, captions=prompts)
+
+    def save(self, out: Path, ctx: Context) -> Path:
+        return save_model(self.parts, out / "model.safetensors")
+
