@@ -102,6 +102,129 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import ServeConfig, serve
+
+    serve(ServeConfig(models=args.model or ["tiny-sdxl"], host=args.host, port=args.port, api_key=args.api_key,
+                      max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
+                      max_batch=args.max_batch, queue_size=args.queue_size, job_ttl=args.job_ttl,
+                      preview=args.preview, dtype=args.dtype))
+    return 0
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="HTTP server: web page, job API (/v1) and an AUTOMATIC1111-compatible API (/sdapi/v1)",
+                       description="Serve models over HTTP (FastAPI on uvicorn). OpenAPI schema at /openapi.json.")
+    s.add_argument("--model", action="append", default=None,
+                   help="model to serve (repeat for several, e.g. a base and a refiner; the first is the default); "
+                        "none given: tiny-sdxl")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (localhost only by default)")
+    s.add_argument("--port", type=int, default=7860, help="port")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but the page")
+    s.add_argument("--max-width", type=int, default=2048, help="largest width accepted")
+    s.add_argument("--max-height", type=int, default=2048, help="largest height accepted")
+    s.add_argument("--max-steps", type=int, default=150, help="most sampling steps accepted")
+    s.add_argument("--max-batch", type=int, default=8, help="most images per request (batch x iterations)")
+    s.add_argument("--queue-size", type=int, default=32, help="jobs that may wait; more are refused with 429")
+    s.add_argument("--job-ttl", type=float, default=600.0, help="seconds a finished job stays retrievable")
+    s.add_argument("--preview", choices=["approx", "full", "none"], default="approx",
+                   help="live preview: linear latent->RGB fit, full VAE decode, or none")
+    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
+    s.set_defaults(func=_serve)
+
+
+def _data_emoji(args: argparse.Namespace) -> int:
+    from .mini.emoji import build_dataset
+
+    summary = build_dataset(args.dir, args.styles, skin_tones=args.skin_tones, upscaled_share=args.upscaled_share,
+                            margin_share=args.margin_share, compositions=args.compositions, seed=args.seed,
+                            limit=args.limit, categories=args.categories, cache_dir=args.cache,
+                            overwrite=args.overwrite, log=print)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.run import main as train_main
+
+    return train_main(args)
+
+
+def _add_train(sub) -> None:
+    from .train.run import TASK_DEFAULTS, load_config_file
+
+    t = sub.add_parser("train", help="train a CLIP, a VAE or a UNet", description=(
+        "Train one part of a model. Runs as it is under `torchrun --nproc_per_node N` (DDP; --fsdp to shard). "
+        "Writes OUTPUT/log.jsonl, loss.png, samples/, state-*.safetensors (resumable) and the final weights."))
+    tsub = t.add_subparsers(dest="task", required=True, parser_class=_Parser)
+    for task, what in (("clip", "contrastive image tower + text towers (writes clip.safetensors)"),
+                       ("vae", "KL-f8 autoencoder: L1 + perceptual + KL + PatchGAN (writes vae.safetensors)"),
+                       ("unet", "diffusion UNet with the SDXL recipe (writes model.safetensors)")):
+        a = tsub.add_parser(task, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        d = TASK_DEFAULTS[task]
+        g = a.add_argument_group("run")
+        g.add_argument("--data", required=True, help="dataset folder: metadata.jsonl, or images with .txt captions")
+        g.add_argument("--output", required=True, help="run folder (created); holds logs, states and weights")
+        g.add_argument("--config", default=None, help="JSON file of option defaults (a recipe); flags override it")
+        g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+        g.add_argument("--batch-size", type=int, default=16, help="global images per micro-step")
+        g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+        g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d['lr']})")
+        g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up, then constant")
+        g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+        g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+        g.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay with warm-up; 0 = off (default {d['ema_decay']})")
+        g.add_argument("--seed", type=int, default=0, help="seeds init, data order, noise, dropout")
+        g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+        g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+        g.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable states")
+        g.add_argument("--keep-checkpoints", type=int, default=2, help="newest states kept")
+        g.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")
+        g.add_argument("--sample-every", type=int, default=0, help="steps between sample grids (0: at the end)")
+        g.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="continue the run in --output (or from the given state file)")
+        g.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP (under torchrun)")
+        g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        g.add_argument("--quiet", action="store_true", help="no progress line")
+        g = a.add_argument_group("data")
+        g.add_argument("--bucket-size", type=int, default=64, help="bucket area target (pixels per side)")
+        g.add_argument("--bucket-step", type=int, default=8, help="bucket sides are multiples of this (64 at 1024 px)")
+        g.add_argument("--max-aspect", type=float, default=2.5, help="largest bucket aspect ratio")
+        g.add_argument("--max-zoom", type=float, default=1.0, help="random extra zoom before cropping (1 = none)")
+        g.add_argument("--center-crop", action="store_true", help="centre crops instead of random ones")
+        g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+        g = a.add_argument_group(task)
+        g.add_argument("--model", default="mini", help="preset architecture (random init) or checkpoint to start from"
+                       if task == "unet" else "preset whose architecture to train")
+        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task == "unet" else f"start from this {task}.safetensors")
+        if task == "unet":
+            g.add_argument("--vae", default=None, help="vae.safetensors from `stablexl train vae` to use")
+            g.add_argument("--text-encoders", default=None, help="clip.safetensors from `stablexl train clip`: its text towers")
+            g.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: the model's")
+            g.add_argument("--dropout-text", type=float, default=0.1, help="P(zero the text context and pooled vector)")
+            g.add_argument("--dropout-size", type=float, default=0.1, help="P(zero the original-size embedding)")
+            g.add_argument("--dropout-crop", type=float, default=0.1, help="P(zero the crop embedding)")
+            g.add_argument("--dropout-target", type=float, default=0.0, help="P(zero the target-size embedding)")
+            g.add_argument("--offset-noise", type=float, default=0.0, help="offset noise level (SDXL stage 3: 0.05)")
+            g.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-γ loss weighting (5 is common); 0 = off")
+            g.add_argument("--cache-latents", action="store_true", help="encode each image once (fixed crop/flip)")
+            g.add_argument("--no-cache-text", action="store_true", help="re-encode captions every step")
+            g.add_argument("--sample-prompt", action="append", default=None, help="prompt for sample grids (repeatable)")
+            g.add_argument("--sample-steps", type=int, default=20, help="sampler steps for sample grids")
+        if task == "vae":
+            g.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (SD/SDXL-VAE regime)")
+            g.add_argument("--perceptual", choices=["rcf", "lpips", "none"], default="rcf",
+                           help="rcf = random-conv-feature distance (a substitute, not LPIPS); lpips needs local weights")
+            g.add_argument("--perceptual-weight", type=float, default=0.5, help="perceptual term weight")
+            g.add_argument("--lpips-vgg", default=None, help="local VGG16 weights (torchvision keys features.N.*)")
+            g.add_argument("--lpips-lin", default=None, help="local LPIPS heads (linK.model.1.weight)")
+            g.add_argument("--disc-start", type=int, default=2000, help="step at which the PatchGAN term starts")
+            g.add_argument("--disc-weight", type=float, default=0.5, help="GAN term weight")
+            g.add_argument("--disc-ndf", type=int, default=64, help="discriminator base width")
+        a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stablexl", description="Stable Diffusion XL, from scratch in PyTorch.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -171,12 +294,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true",
                    help="read pickled .ckpt/.pt/.bin files (tensors only, via torch.load(weights_only=True))")
     c.set_defaults(func=_convert)
+
+    d = sub.add_parser("data", help="build training datasets", description="Build training datasets.")
+    dsub = d.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    e = dsub.add_parser(
+        "emoji", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="text-to-image dataset from Twemoji and Noto emoji art (for the miniature, ~64 px)",
+        description="Fetch the Twemoji and Noto emoji packages with npm (once, checksum-verified, cached) and write "
+                    "DIR/images/*.png, DIR/metadata.jsonl, DIR/names.json, README, licences and a contact sheet.",
+    )
+    e.add_argument("dir", help="output folder")
+    e.add_argument("--styles", nargs="+", choices=["twemoji", "noto"], default=["twemoji", "noto"], help="art styles")
+    e.add_argument("--skin-tones", action="store_true", help="also draw the skin-tone variants")
+    e.add_argument("--upscaled-share", type=float, default=0.25,
+                   help="share of emoji also stored downscaled to 16-48 px and upscaled back to 64 (blurry)")
+    e.add_argument("--margin-share", type=float, default=0.25,
+                   help="share of emoji also stored at a random offset on a 72/80-px canvas")
+    e.add_argument("--compositions", type=int, default=None,
+                   help="multi-aspect images of one or two emoji per style; None = one per emoji")
+    e.add_argument("--seed", type=int, default=0, help="every random choice follows from it")
+    e.add_argument("--limit", type=int, default=None, help="only the first N emoji per style (quick runs)")
+    e.add_argument("--categories", nargs="+", default=None, help="only these emoji categories, e.g. 'Food & Drink'")
+    e.add_argument("--cache", default=None,
+                   help="folder of the npm tarballs; None = $STABLEXL_CACHE/npm, else ~/.cache/stablexl/npm")
+    e.add_argument("--overwrite", action="store_true", help="replace a dataset already in DIR")
+    e.set_defaults(func=_data_emoji)
+    _add_train(sub)
+    _add_serve(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None) and args.command == "train":  # a recipe file supplies defaults; flags win
+            args._parser.set_defaults(**args._config_loader(args.config))
+            args = parser.parse_args(argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # CheckpointError is a ValueError
         msg = str(e).replace("allow_pickle=True (CLI: --allow-pickle)", "--allow-pickle")

@@ -326,10 +326,30 @@ TINY_UNCLIP = ModelConfig(
     ),
 )
 
+# The miniature (the embedded default): SDXL's wiring at 64 px, with narrow towers trained on emoji art.
+# Text towers shaped like CLIP-L (quick_gelu, EOS padding, penultimate layer) and bigG (gelu, zero
+# padding, penultimate layer, pooled + projection), both projecting to the mini CLIP's 128-d space.
+MINI_TEXT_L = CLIPTextConfig(width=64, layers=3, heads=2, mlp_dim=256, activation="quick_gelu", projection_dim=128)
+MINI_TEXT_G = CLIPTextConfig(width=128, layers=3, heads=4, mlp_dim=512, activation="gelu", projection_dim=128)
+MINI_VISION = CLIPVisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512,
+                               activation="gelu", projection_dim=128)
+MINI = ModelConfig(
+    name="mini", family="sdxl-base", resolution=64,
+    vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025),
+    unet=UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2), mid_transformer_depth=2,
+        num_heads=None, head_dim=32, context_dim=64 + 128, linear_proj=True, vector_dim=128 + 6 * 256, norm_groups=16,
+    ),
+    text_encoders=(
+        TextEncoderSpec(MINI_TEXT_L, layer=2, final_norm=False, pad_id=PAD_EOS),
+        TextEncoderSpec(MINI_TEXT_G, layer=2, final_norm=False, pad_id=PAD_ZERO, pooled=True),
+    ),
+)
+
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER,
-              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP)
+              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI)
 }
 PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512)
 

@@ -166,9 +166,11 @@ class AutoencoderKL(nn.Module):
         """Unscaled z (B, 4, h, w) -> image (B, 3, 8h, 8w), nominally in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z.to(self.dtype)))
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Posterior]:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> tuple[Tensor, Posterior]:
+        """Reconstruct through a sample z = mean + std·noise (noise drawn from `generator` if not given)."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample(generator)), posterior
+        z = posterior.sample(generator) if noise is None else posterior.mean + posterior.std * noise.to(posterior.mean)
+        return self.decode(z), posterior
 
 
 @dataclass

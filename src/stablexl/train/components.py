@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import CLIPTextConfig, CLIPVisionConfig, VAEConfig, component_from_dict
 from ..io.checkpoint import CheckpointError, SafetensorsSource, atomic_save_safetensors
@@ -34,13 +34,18 @@ class CLIPModel(nn.Module):
         self.texts = nn.ModuleList(CLIPTextModel(t) for t in texts)
         self.logit_scale = nn.Parameter(torch.full((len(texts),), float(torch.log(torch.tensor(1 / 0.07)))))
 
+    def forward(self, pixels: Tensor, ids: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Normalised pixels (B, 3, S, S) and token ids per tower (B, 77) -> image (B, P), texts [(B, P)]."""
+        img = self.vision(pixels)
+        return img, [tower(t, pooled=True).pooled for tower, t in zip(self.texts, ids)]
+
     def configs(self) -> dict:
         import dataclasses
 
         return {"vision": dataclasses.asdict(self.vision.config), "texts": [dataclasses.asdict(t.config) for t in self.texts]}
 
     @staticmethod
-    def from_configs(d: dict) -> "CLIPModel":
+    def from_configs(d: dict) -> CLIPModel:
         return CLIPModel(component_from_dict(CLIPVisionConfig, d["vision"]),
                          [component_from_dict(CLIPTextConfig, t) for t in d["texts"]])
 

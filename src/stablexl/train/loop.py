@@ -19,16 +19,25 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .ema import EMA
-from .state import latest_state, load_optimizer, load_state, optimizer_tensors, restore_rng, rng_tensors, save_state
+from .state import (
+    latest_state,
+    load_optimizer,
+    load_state,
+    optimizer_tensors,
+    restore_rng,
+    rng_tensors,
+    save_state,
+)
 
 
 @dataclass(frozen=True)
@@ -207,7 +216,8 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
             [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
             lr=spec.lr or cfg.lr, betas=spec.betas or cfg.betas)
     base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
-    emas = {k: EMA(m, cfg.ema_decay) for k, m in raw.items()} if cfg.ema_decay > 0 else {}
+    ema_keys = getattr(task, "ema_modules", tuple(raw))  # e.g. the VAE but not its discriminator
+    emas = {k: EMA(raw[k], cfg.ema_decay) for k in ema_keys} if cfg.ema_decay > 0 else {}
 
     start = 0
     if resume:

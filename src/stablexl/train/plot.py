@@ -27,12 +27,12 @@ def plot_series(series: dict[str, list[tuple[float, float]]], out: str | Path, *
         d.text((W // 2 - 40, H // 2), "no data", fill="black")
         img.save(out)
         return
-    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)  # noqa: E731
+    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     xs, ys = [p[0] for p in pts], [fy(p[1]) for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)  # noqa: E731
-    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)  # noqa: E731
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    py = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     for i in range(5):
         yv = y0 + (y1 - y0) * i / 4

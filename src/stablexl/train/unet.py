@@ -138,7 +138,7 @@ class UNetTask:
         mean, logvar = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         noise = ctx.local(torch.randn((len(idx), *mean.shape[1:]), generator=gen))[:len(rows)]
         z = (mean + torch.exp(0.5 * logvar) * noise) * sf
-        f = lambda j: torch.tensor([r[j] for r in rows], dtype=torch.float32)  # noqa: E731
+        f = lambda j: torch.tensor([r[j] for r in rows], dtype=torch.float32)
         return z, [r[5] for r in rows], f(2), f(3), f(4)
 
     # -- the loss -----------------------------------------------------------------------------------

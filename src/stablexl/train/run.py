@@ -1,0 +1,139 @@
+"""From command-line options to a task and a run: `stablexl train {clip,vae,unet}` lands here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import MINI_VISION, PAD_EOS, PAD_ZERO, PRESETS, preset
+from .data import Augment, TrainData, make_buckets, scan_dataset
+from .loop import TrainConfig, train
+
+# Per-task defaults that differ from TrainConfig's (LDM/sgm values; reference/training.md §1.3, §2).
+TASK_DEFAULTS = {
+    "unet": {"lr": 1e-4, "ema_decay": 0.9999},
+    "vae": {"lr": 4.5e-6, "ema_decay": 0.999},
+    "clip": {"lr": 5e-4, "ema_decay": 0.0},
+}
+
+
+def load_config_file(path: str | None) -> dict:
+    """--config: a JSON object of option defaults (dashes or underscores), e.g. a saved recipe."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {p}: no such file (a JSON object of options, e.g. {{\"lr\": 1e-4}})")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {p} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--config {p} must hold a JSON object of options")
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    d = TASK_DEFAULTS[a.task]
+    return TrainConfig(
+        steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        lr=a.lr if a.lr is not None else d["lr"], warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip, ema_decay=a.ema_decay if a.ema_decay is not None else d["ema_decay"], seed=a.seed,
+        precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, checkpoint_every=a.checkpoint_every,
+        keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, sample_every=a.sample_every, fsdp=a.fsdp,
+    )
+
+
+def make_data(a: argparse.Namespace, square: int | None = None) -> TrainData:
+    report = scan_dataset(a.data)
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable image(s)")
+    buckets = [(square, square)] if square else make_buckets(a.bucket_size, a.bucket_step, a.max_aspect)
+    aug = Augment(flip_p=0.0 if a.no_flip else 0.5, max_zoom=a.max_zoom, random_crop=not a.center_crop)
+    return TrainData(report.records, buckets, a.batch_size, a.seed, aug)
+
+
+def _init(seed: int):
+    torch.manual_seed(seed)
+
+
+def build_task(a: argparse.Namespace):
+    if a.task == "clip":
+        from .clip import CLIPTask
+        from .components import CLIPModel, load_component_file
+
+        cfg = preset(a.model)
+        _init(a.seed)
+        if a.init:
+            model = load_component_file(a.init, "clip")
+        else:
+            vision = MINI_VISION if cfg.name == "mini" else None
+            if vision is None:
+                raise ValueError(f"no CLIP image tower is defined for {cfg.name!r}; train CLIP for --model mini")
+            model = CLIPModel(vision, [spec.config for spec in cfg.text_encoders])
+        pads = tuple(spec.pad_id for spec in cfg.text_encoders) if len(cfg.text_encoders) == len(model.texts) \
+            else (PAD_EOS, PAD_ZERO)[: len(model.texts)]
+        return CLIPTask(model, make_data(a, square=a.bucket_size), pads)
+    if a.task == "vae":
+        from ..models.vae import AutoencoderKL
+        from .components import load_component_file
+        from .vae import VAETask, VAETrainOptions
+
+        _init(a.seed)
+        vae = load_component_file(a.init, "vae") if a.init else AutoencoderKL(preset(a.model).vae)
+        opts = VAETrainOptions(kl_weight=a.kl_weight, perceptual=a.perceptual, perceptual_weight=a.perceptual_weight,
+                               lpips_vgg=a.lpips_vgg, lpips_lin=a.lpips_lin, disc_start=a.disc_start,
+                               disc_weight=a.disc_weight, disc_ndf=a.disc_ndf)
+        return VAETask(vae, make_data(a), opts, grad_accum=a.grad_accum)
+    from ..models.parts import build_parts
+    from .unet import UNetTask, UNetTrainOptions
+
+    parts = _unet_parts(a)
+    opts = UNetTrainOptions(
+        prediction=a.prediction, dropout_text=a.dropout_text, dropout_original_size=a.dropout_size,
+        dropout_crop=a.dropout_crop, dropout_target_size=a.dropout_target, offset_noise=a.offset_noise,
+        min_snr_gamma=a.min_snr_gamma, cache_latents=a.cache_latents, cache_text=not a.no_cache_text,
+        sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps)
+    del build_parts
+    return UNetTask(parts, make_data(a), opts, gradient_checkpointing=a.gradient_checkpointing)
+
+
+def _unet_parts(a: argparse.Namespace):
+    from ..io.models import load_model
+    from ..models.parts import build_parts
+    from .components import load_component_file
+
+    if a.model in PRESETS and not Path(a.model).exists():
+        _init(a.seed)
+        parts = build_parts(PRESETS[a.model], device="cpu")
+    else:
+        parts = load_model(a.model, dtype=torch.float32)
+    cfg = parts.config
+    if a.vae:
+        vae = load_component_file(a.vae, "vae")
+        if vae.config != cfg.vae:
+            raise ValueError(f"--vae {a.vae} has a different architecture from {cfg.name}'s VAE")
+        parts.vae = vae
+    if a.text_encoders:
+        clip = load_component_file(a.text_encoders, "clip")
+        towers = list(clip.texts)
+        want = [spec.config for spec in cfg.text_encoders]
+        if [t.config for t in towers] != want:
+            raise ValueError(f"--text-encoders {a.text_encoders}: its text towers do not match {cfg.name}'s text encoders")
+        parts.text_encoders = towers
+    return parts
+
+
+def main(a: argparse.Namespace) -> int:
+    torch.set_flush_denormal(True)  # subnormal floats are up to 50x slower on CPUs (see pipeline.py)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    task = build_task(a)
+    cfg = train_config(a)
+    out = train(task, cfg, a.output, resume=a.resume, progress=not a.quiet)
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
