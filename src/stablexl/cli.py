@@ -155,7 +155,7 @@ def _add_train(sub) -> None:
     from .train.run import TASK_DEFAULTS, load_config_file
 
     t = sub.add_parser("train", help="train a CLIP, a VAE or a UNet", description=(
-        "Train one part of a model. Runs as it is under `torchrun --nproc_per_node N` (DDP; --fsdp to shard). "
+        "Train one part of a model. Runs as it is under `torchrun --nproc_per_node N` (DDP). "
         "Writes OUTPUT/log.jsonl, loss.png, samples/, state-*.safetensors (resumable) and the final weights."))
     tsub = t.add_subparsers(dest="task", required=True, parser_class=_Parser)
     for task, what in (("clip", "contrastive image tower + text towers (writes clip.safetensors)"),
@@ -184,7 +184,6 @@ def _add_train(sub) -> None:
         g.add_argument("--sample-every", type=int, default=0, help="steps between sample grids (0: at the end)")
         g.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue the run in --output (or from the given state file)")
-        g.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP (under torchrun)")
         g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
         g.add_argument("--quiet", action="store_true", help="no progress line")
         g = a.add_argument_group("data")

@@ -1,6 +1,6 @@
 """The one training loop: every trainer (UNet, VAE, CLIP) is a `Task` run by `train()`.
 
-The loop owns what is common: processes (torchrun / DDP; gloo on CPU, NCCL on GPUs), optimizers with
+The loop owns what is common: processes (torchrun / DDP; gloo on CPU, NCCL on GPUs; FSDP is not wired yet), optimizers with
 linear warm-up then constant LR (sgm `LambdaLinearScheduler`), gradient accumulation and clipping, bf16
 autocast, EMA, atomic checkpoints with resume, the JSONL log, the loss plot, sample grids and a progress
 line. A task owns its models, data and loss.
@@ -58,7 +58,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
-    fsdp: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -135,17 +134,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def _wrap(module: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
     if world == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        return fully_shard(module)  # FSDP2: parameters become DTensor shards; the module stays the same object
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _full(t: Tensor) -> Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor shard -> the whole tensor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,8 +184,6 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     rank, world, device = init_distributed()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
-    if cfg.fsdp and world == 1:
-        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
     existing = latest_state(out) if out.is_dir() else None
     if existing is not None and not resume:
         raise ValueError(f"{out} already holds a run ({existing.name}); pass --resume to continue it "
@@ -244,6 +233,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     t_last, steps_since = time.perf_counter(), 0
+    window: dict[str, list[float]] = {}  # logged values averaged over the steps between log lines
     step = start
     try:
         for step in range(start, cfg.steps):
@@ -278,6 +268,8 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
                 e.update(raw[k])
             steps_since += 1
             logs["lr"] = cfg.lr * lr_scale
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
             if show:
                 show(step, logs, task.images_per_step() * cfg.grad_accum)
             if on_step:
@@ -286,11 +278,12 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
             if log and (done % cfg.log_every == 0 or done == cfg.steps):
                 now = time.perf_counter()
                 rate = steps_since / (now - t_last)
-                log.write(json.dumps({"step": done, **{k: round(v, 6) for k, v in logs.items()}, "it_s": round(rate, 4),
+                means = {k: round(sum(v) / len(v), 6) for k, v in window.items()}
+                log.write(json.dumps({"step": done, **means, "it_s": round(rate, 4),
                                       "images_s": round(rate * task.images_per_step() * cfg.grad_accum, 3),
                                       "time": round(time.time(), 1)}) + "\n")
                 log.flush()
-                t_last, steps_since = now, 0
+                t_last, steps_since, window = now, 0, {}
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
                 _samples(task, ctx, emas, raw, out, done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -352,13 +345,13 @@ def _load_module(m: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
 def _checkpoint(out: Path, step: int, raw, opts, emas, cfg: TrainConfig, rank: int) -> None:
     tensors: dict[str, Tensor] = {}
     for k, m in raw.items():
-        tensors.update({f"model.{k}.{n}": _full(t) for n, t in m.state_dict().items()})
+        tensors.update({f"model.{k}.{n}": t for n, t in m.state_dict().items()})
     for k, e in emas.items():
-        tensors.update({n: _full(t) for n, t in e.state_tensors(f"ema.{k}.").items()})
+        tensors.update({n: t for n, t in e.state_tensors(f"ema.{k}.").items()})
     optim_meta = {}
     for name, o in opts.items():
         t, m = optimizer_tensors(o, name)
-        tensors.update({n: _full(v) for n, v in t.items()})
+        tensors.update({n: v for n, v in t.items()})
         optim_meta[name] = m
     rt, rmeta = rng_tensors()
     tensors.update(rt)

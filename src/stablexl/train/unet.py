@@ -44,6 +44,11 @@ class UNetTrainOptions:
     sample_cfg: float = 5.0
 
 
+def dropout_keep(gen: torch.Generator, batch: int, rates: tuple[float, ...]) -> Tensor:
+    """(B, E) in {0, 1}: 0 where embedder e of sample b is dropped, independently with probability rates[e]."""
+    return (torch.rand((batch, len(rates)), generator=gen) >= torch.tensor(rates)).float()
+
+
 class UNetTask:
     name = "unet"
 
@@ -64,6 +69,12 @@ class UNetTask:
         parts.unet.gradient_checkpointing = gradient_checkpointing
         self._text: dict[str, tuple[Tensor, Tensor | None]] = {}
         self._latents: dict[int, tuple[Tensor, Tensor, tuple, tuple, tuple, str]] = {}
+        if options.cache_text:
+            # Encode every caption up front in a fixed order and chunking: a cached embedding must not depend
+            # on which batch first needed it (batched kernels differ in the last bit), or a resumed run drifts.
+            captions = sorted({r.caption for r in data.records})
+            for i in range(0, len(captions), 64):
+                self._encode_into(self._text, captions[i:i + 64])
 
     # -- Task protocol ------------------------------------------------------------------------------
 
@@ -86,15 +97,19 @@ class UNetTask:
     def encode_captions(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
         """Captions -> (context (B, T, C), pooled (B, P) or None), cached per caption when enabled."""
         todo = [c for c in dict.fromkeys(captions) if c not in self._text]
+        if not self.opt.cache_text:
+            return self._stack(captions, self._encode_into({}, todo))
         if todo:
-            cfg = self.parts.config
-            ids = [self.tokenizer(todo, pad_id=spec.pad_id) for spec in cfg.text_encoders]
-            context, pooled = encode_text(cfg, self.parts.text_encoders, ids)
-            new = {c: (context[i].float(), None if pooled is None else pooled[i].float()) for i, c in enumerate(todo)}
-            if not self.opt.cache_text:
-                return self._stack(captions, new)
-            self._text.update(new)
+            self._encode_into(self._text, todo)
         return self._stack(captions, self._text)
+
+    @torch.no_grad()
+    def _encode_into(self, table: dict, captions: list[str]) -> dict:
+        cfg = self.parts.config
+        ids = [self.tokenizer(captions, pad_id=spec.pad_id) for spec in cfg.text_encoders]
+        context, pooled = encode_text(cfg, self.parts.text_encoders, ids)
+        table.update({c: (context[i].float(), None if pooled is None else pooled[i].float()) for i, c in enumerate(captions)})
+        return table
 
     @staticmethod
     def _stack(captions, table) -> tuple[Tensor, Tensor | None]:
@@ -154,8 +169,8 @@ class UNetTask:
         offset = ctx.local(torch.randn((B, z0.shape[1], 1, 1), generator=gen))[:n]
         if o.offset_noise:
             noise = noise + o.offset_noise * offset  # SDXL paper §2.5 (stage 3: 0.05)
-        rates = torch.tensor([o.dropout_text, o.dropout_original_size, o.dropout_crop, o.dropout_target_size])
-        keep = ctx.local((torch.rand((B, 4), generator=gen) >= rates).float())[:n]
+        keep = ctx.local(dropout_keep(gen, B, (o.dropout_text, o.dropout_original_size, o.dropout_crop,
+                                               o.dropout_target_size)))[:n]
         cond = self.conditioning(captions, orig.to(ctx.device), crop.to(ctx.device), target.to(ctx.device), keep)
 
         unet = ctx.models["unet"]  # the DDP-wrapped module when distributed

@@ -1,0 +1,307 @@
+"""The AUTOMATIC1111 surface (/sdapi/v1): request and response shapes of reference/peers.md §2.1, so existing
+clients (e.g. the `webuiapi` package) work unchanged.
+
+txt2img / img2img are synchronous, as in A1111, but run through the same queue as native jobs: a client
+that disconnects does not stop its job, and with `force_task_id` the result stays at /v1/jobs/{id}.
+Fields that would change the picture in ways we cannot honour (hires fix, face restoration, tiling,
+variation seeds, scripts) are refused with 422 rather than ignored; knobs our samplers do not have
+(eta, s_churn, ...) and bookkeeping fields are accepted and ignored, as A1111 ignores unknown ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..io.metadata import MetadataError, normalise_sampler, normalise_schedule, parse_infotext
+from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES
+from .generation import InputError, Spec, resolve
+from .images import ImageInputError, b64, open_image, png_texts
+from .native import image_field
+from .queue import CANCELLED, FAILED, RUNNING
+from .schemas import A1111Result, Img2ImgRequest, PngInfoRequest, PngInfoResult, Txt2ImgRequest
+
+router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+# our Spec field -> the A1111 request field, for error messages
+FIELD_NAMES = {"cfg": "cfg_scale", "batch": "batch_size", "sampler": "sampler_name", "schedule": "scheduler",
+               "strength": "denoising_strength", "init_image": "init_images", "refiner": "refiner_checkpoint",
+               "model": "override_settings.sd_model_checkpoint", "mask_invert": "inpainting_mask_invert"}
+
+
+def json_safe(v: Any, depth: int = 0) -> Any:
+    """Echoed client values as strict UTF-8 JSON: non-finite floats become null (JSON has no NaN)."""
+    if depth > 64:
+        return None
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, str):  # lone surrogates (valid in JSON text, not in UTF-8) become U+FFFD
+        return v.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if not v.isascii() else v
+    if isinstance(v, dict):
+        return {json_safe(str(k)): json_safe(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x, depth + 1) for x in v]
+    return v
+
+
+def _model_name(server, title: Any, field: str) -> str:
+    """A1111 checkpoint titles look like 'name [hash]'; we accept the title or the bare name."""
+    if not isinstance(title, str):
+        raise InputError(field, f"{FIELD_NAMES.get(field, field)} must be a string, got {type(title).__name__}")
+    name = title.split(" [")[0].strip() if title.endswith("]") else title.strip()
+    return server.models.get(name, field).name
+
+
+def _sampler(body) -> tuple[str | None, str | None]:
+    name = body.sampler_name or body.sampler_index
+    implied = None
+    if name:
+        ours, implied, dialect = normalise_sampler(name)
+        if dialect == "unknown" or ours not in SAMPLER_NAMES:
+            # A1111 answers an unknown sampler with 404 "Sampler not found"
+            raise InputError("sampler", f"Sampler not found: {name!r}; available: "
+                                        f"{', '.join(A1111_SAMPLER[s] for s in SAMPLER_NAMES)}", status=404)
+        name = ours
+    schedule = None
+    if body.scheduler and body.scheduler.strip().lower() != "automatic":
+        schedule = normalise_schedule(body.scheduler)
+        if schedule not in SCHEDULE_NAMES:
+            raise InputError("schedule", f"unknown scheduler {body.scheduler!r}; available: "
+                                         f"{', '.join(A1111_SCHEDULE[s] for s in SCHEDULE_NAMES)}")
+    return name, schedule or implied
+
+
+def _refuse_unsupported(body) -> None:
+    checks = [("restore_faces", body.restore_faces, "face restoration is not available on this server"),
+              ("tiling", body.tiling, "seamless tiling is not available on this server"),
+              ("subseed_strength", (body.subseed_strength or 0) > 0, "variation seeds are not available"),
+              ("script_name", bool(body.script_name), f"script {body.script_name!r} not found"),
+              ("alwayson_scripts", bool(body.alwayson_scripts),
+               f"always-on scripts not found: {', '.join(map(str, body.alwayson_scripts))}")]
+    if isinstance(body, Txt2ImgRequest):
+        checks.append(("enable_hr", body.enable_hr, "hires fix is not available on this server"))
+    for field, bad, msg in checks:
+        if bad:
+            raise InputError(field, msg)
+
+
+def _common_spec(body, server) -> Spec:
+    _refuse_unsupported(body)
+    sampler, schedule = _sampler(body)
+    overrides = body.override_settings or {}
+    model = server.options["sd_model_checkpoint"]
+    if "sd_model_checkpoint" in overrides:
+        model = _model_name(server, overrides["sd_model_checkpoint"], "model")
+    refiner = None
+    if body.refiner_checkpoint and body.refiner_checkpoint.strip().lower() not in ("", "none"):
+        refiner = _model_name(server, body.refiner_checkpoint, "refiner")
+    return Spec(prompt=body.prompt, negative_prompt=body.negative_prompt, model=model, sampler=sampler,
+                schedule=schedule, steps=body.steps, cfg=body.cfg_scale, seed=body.seed, width=body.width,
+                height=body.height, batch=body.batch_size, n_iter=body.n_iter, refiner=refiner,
+                refiner_switch_at=body.refiner_switch_at if body.refiner_switch_at is not None else 0.8,
+                aesthetic_score=body.aesthetic_score, negative_aesthetic_score=body.negative_aesthetic_score)
+
+
+def spec_from_txt2img(body: Txt2ImgRequest, server) -> Spec:
+    return resolve(_common_spec(body, server), server.models, server.limits)
+
+
+def spec_from_img2img(body: Img2ImgRequest, server) -> Spec:
+    spec = _common_spec(body, server)
+    if not body.init_images:
+        raise InputError("init_image", "init_images is empty: img2img needs one image")
+    if len(body.init_images) > 1:
+        raise InputError("init_image", "one init image per request is supported")
+    if body.resize_mode not in (0, 1):
+        raise InputError("resize_mode", "resize_mode 0 (just resize) and 1 (crop and resize) are supported")
+    spec.init_image = image_field(body.init_images[0], "init_images")
+    spec.crop_to_fit = body.resize_mode == 1
+    spec.strength = body.denoising_strength
+    if body.mask is not None:
+        spec.mask = image_field(body.mask, "mask", "L")
+        spec.mask_invert = bool(body.inpainting_mask_invert)
+        spec.resize_mask = True  # A1111 resizes the mask with the image
+        blur = body.mask_blur
+        if blur is None:
+            xy = [v for v in (body.mask_blur_x, body.mask_blur_y) if v is not None]
+            blur = max(xy) if xy else 4.0  # A1111's default mask blur
+        spec.mask_blur = float(blur)
+    return resolve(spec, server.models, server.limits)
+
+
+def _info(spec: Spec, job, images: list[dict], body, interrupted: bool, inpaint_unet: bool) -> dict:
+    seeds = [i["seed"] for i in images] or [spec.seed + k for k in range(spec.batch * spec.n_iter)]
+    n = len(seeds)
+    extra = {"Schedule type": A1111_SCHEDULE.get(spec.schedule, spec.schedule)}
+    if spec.refiner:
+        extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch_at})
+    return {
+        "prompt": spec.prompt, "all_prompts": [spec.prompt] * n, "negative_prompt": spec.negative_prompt or "",
+        "all_negative_prompts": [spec.negative_prompt or ""] * n, "seed": spec.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0.0, "width": spec.width,
+        "height": spec.height, "sampler_name": A1111_SAMPLER.get(spec.sampler, spec.sampler),
+        "scheduler": A1111_SCHEDULE.get(spec.schedule, spec.schedule), "cfg_scale": spec.cfg,
+        "steps": spec.steps, "batch_size": spec.batch, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": spec.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": spec.strength if spec.init_image is not None else None,
+        "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": [i["infotext"] for i in images],
+        "styles": list(body.styles or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+        "clip_skip": 1, "is_using_inpainting_conditioning": spec.mask is not None and inpaint_unet,
+        "job_id": job.id, "interrupted": interrupted,
+    }
+
+
+async def _run_sync(body, spec: Spec, request: Request, kind: str):
+    server = request.app.state.server
+    try:
+        job = server.submit(spec, job_id=body.force_task_id, origin="a1111")
+    except ValueError as e:  # the job id is taken
+        raise InputError("force_task_id", str(e)) from None
+    await job.wait_done()  # the worker wakes us; the job finishes even if this client has gone
+    if job.state == FAILED:  # the pipeline's ValueError (bad input it caught) is the client's 422, anything else ours
+        status, kind = (422, "ValueError") if job.error_kind == "invalid" else (500, "InternalError")
+        return JSONResponse({"error": kind, "detail": job.error, "body": "", "errors": job.error, "job_id": job.id},
+                            status)
+    out = job.result if job.state != CANCELLED else None
+    images = out.images if out is not None else []
+    params = body.model_dump()
+    if kind == "img2img" and not body.include_init_images:
+        params.update(init_images=None, mask=None)
+    return {"images": [b64(i["png"]) for i in images] if body.send_images else [],
+            "parameters": json_safe(params),
+            "info": json.dumps(_info(spec, job, images, body, interrupted=job.state == CANCELLED,
+                                     inpaint_unet=server.models.get(spec.model).config.unet.in_channels == 9))}
+
+
+@router.post("/txt2img", response_model=A1111Result)
+async def txt2img(body: Txt2ImgRequest, request: Request):
+    spec = await run_in_threadpool(spec_from_txt2img, body, request.app.state.server)
+    return await _run_sync(body, spec, request, "txt2img")
+
+
+@router.post("/img2img", response_model=A1111Result)
+async def img2img(body: Img2ImgRequest, request: Request):
+    spec = await run_in_threadpool(spec_from_img2img, body, request.app.state.server)
+    return await _run_sync(body, spec, request, "img2img")
+
+
+@router.get("/progress")
+async def progress(request: Request, skip_current_image: bool = Query(False)):
+    """The most recently started running job, in A1111's shape (state is a snapshot dict)."""
+    server = request.app.state.server
+    running = sorted(server.queue.running(), key=lambda j: j.started or 0)
+    pending = server.queue.pending_count()
+    job = running[-1] if running else None
+    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(running) + pending,
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    total = max(job.total, job.step, 1)
+    state.update(job=job.id, interrupted=job.cancel_requested, sampling_step=job.step, sampling_steps=total,
+                 job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))
+    preview = job.preview if job.state == RUNNING else None
+    return {"progress": job.step / total, "eta_relative": job.eta() or 0.0, "state": state,
+            "current_image": b64(preview) if preview is not None and not skip_current_image else None,
+            "textinfo": f"step {job.step}/{total}"}
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request):
+    """Stop the running job(s) at their next step; a synchronous caller gets the images made so far (none)."""
+    server = request.app.state.server
+    for job in server.queue.running():
+        server.queue.cancel(job.id)
+    return {}
+
+
+@router.get("/options")
+async def get_options(request: Request):
+    return request.app.state.server.options
+
+
+@router.post("/options")
+async def set_options(request: Request, body: dict[str, Any] = Body(...)):
+    server = request.app.state.server
+    if len(body) > 256:
+        raise InputError("options", "at most 256 options per request")
+    if "sd_model_checkpoint" in body:
+        body["sd_model_checkpoint"] = _model_name(server, body["sd_model_checkpoint"], "model")
+    server.options.update(json_safe(body))
+    server.models.default = server.options["sd_model_checkpoint"]
+    return {}
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request):
+    server = request.app.state.server
+    return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n, "config": None}
+            for n in server.models.names]
+
+
+@router.get("/samplers")
+async def samplers():
+    out = []
+    for s in SAMPLER_NAMES:
+        aliases = [s] + (["k_euler_a", "k_euler_ancestral"] if s == "euler_ancestral" else
+                         [f"k_{s}"] if s in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde") else [])
+        out.append({"name": A1111_SAMPLER[s], "aliases": aliases, "options": {}})
+    return out
+
+
+@router.get("/schedulers")
+async def schedulers():
+    # A1111 v1.9+ scheduler records; `name` is the lower-case id, `label` what the UI shows
+    ids = {"leading": "automatic", "trailing": "sgm_uniform", "linspace": "uniform", "karras": "karras",
+           "exponential": "exponential"}
+    return [{"name": ids[s], "label": A1111_SCHEDULE[s], "aliases": [s], "default_rho": 7.0 if s == "karras" else -1,
+             "need_inner_model": False} for s in SCHEDULE_NAMES]
+
+
+@router.get("/scripts")
+async def scripts():
+    """No scripts or extensions; clients such as webuiapi probe this to find ControlNet & co."""
+    return {"txt2img": [], "img2img": []}
+
+
+def _png_info(body: PngInfoRequest) -> dict:
+    try:
+        img = open_image(body.image)
+    except ImageInputError as e:
+        raise InputError("image", f"image: {e}") from None
+    texts = png_texts(img)
+    geninfo = texts.pop("parameters", "")
+    items = {k: v for k, v in texts.items()}
+    if not geninfo:
+        return {"info": "", "items": items, "parameters": {}}
+    try:
+        res = parse_infotext(geninfo)
+    except MetadataError:
+        return {"info": geninfo, "items": items, "parameters": {}}
+    params: dict[str, Any] = {"Prompt": res["prompt"], "Negative prompt": res["negative_prompt"]}
+    # back to A1111's keys (its parse_generation_parameters output)
+    if res["steps"] is not None:
+        params["Steps"] = res["steps"]
+    if res["sampler"] is not None:
+        params["Sampler"] = A1111_SAMPLER.get(res["sampler"], res["sampler"])
+    if res["schedule"] is not None:
+        params["Schedule type"] = A1111_SCHEDULE.get(res["schedule"], res["schedule"])
+    for key, field in (("CFG scale", "cfg"), ("Seed", "seed"), ("Model", "model"), ("Model hash", "model_hash")):
+        if res[field] is not None:
+            params[key] = res[field]
+    if res["width"] is not None:
+        params["Size-1"], params["Size-2"] = res["width"], res["height"]
+    params["Clip skip"] = res["clip_skip"]
+    params.update(res["extra"])
+    return {"info": geninfo, "items": items, "parameters": params}
+
+
+@router.post("/png-info", response_model=PngInfoResult)
+async def png_info(body: PngInfoRequest):
+    return json_safe(await run_in_threadpool(_png_info, body))

@@ -1,0 +1,227 @@
+"""The HTTP server: `create_app(config)` wires the models, the queue, both API surfaces and the web page.
+
+    stablexl serve --model tiny-sdxl            # http://127.0.0.1:7860/
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from . import a1111, native
+from .generation import InputError, Limits, Models, Spec, run
+from .preview import PREVIEW_MODES
+from .queue import Job, JobQueue, QueueFull
+
+log = logging.getLogger("stablexl.serve")
+WEB_DIR = Path(__file__).parent / "web"
+MAX_BODY = 64 * 1024 * 1024  # bytes; a request body larger than this is refused (413) before it is read
+
+
+@dataclass
+class ServeConfig:
+    models: list[str] = field(default_factory=lambda: ["tiny-sdxl"])  # the first is the default
+    host: str = "127.0.0.1"
+    port: int = 7860
+    api_key: str | None = None
+    max_width: int = 2048
+    max_height: int = 2048
+    max_steps: int = 150
+    max_batch: int = 8
+    queue_size: int = 32  # jobs waiting (running ones not counted); more get 429
+    job_ttl: float = 600.0  # seconds a finished job stays retrievable
+    preview: str = "approx"
+    dtype: str | None = None
+    loader: Callable[[str], object] | None = None  # name -> Pipeline; default Pipeline.from_pretrained
+
+    def __post_init__(self):
+        for name in ("max_width", "max_height", "max_steps", "max_batch", "queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.job_ttl < 0:
+            raise ValueError(f"job_ttl must be >= 0, got {self.job_ttl}")
+        if self.preview not in PREVIEW_MODES:
+            raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, got {self.preview!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
+
+
+def _default_loader(dtype: str | None) -> Callable[[str], object]:
+    def load(name: str):
+        from ..pipeline import Pipeline
+
+        return Pipeline.from_pretrained(name, dtype=dtype)
+    return load
+
+
+def _worker_thread_init() -> None:
+    import torch
+
+    # Pipeline.__init__ sets this in the thread that builds the pipeline; the flag (x86 MXCSR FTZ/DAZ) is
+    # per thread, so each worker sets it again for the UNet calls it makes (see pipeline.py).
+    torch.set_flush_denormal(True)
+
+
+class Server:
+    """What the routes share: models, queue, limits and the A1111 options dict."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.limits = Limits(config.max_width, config.max_height, config.max_steps, config.max_batch)
+        self.models = Models(config.models, config.loader or _default_loader(config.dtype), config.preview)
+        self.queue = JobQueue(config.models, config.queue_size, config.job_ttl, thread_init=_worker_thread_init)
+        self.options: dict = {"sd_model_checkpoint": self.models.default, "samples_format": "png",
+                              "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+
+    def submit(self, spec: Spec, *, job_id: str | None = None, origin: str = "native") -> Job:
+        """Queue a resolved spec; QueueFull and ValueError (job id taken) propagate."""
+        return self.queue.submit(spec.model, lambda job: run(job, spec, self.models), job_id=job_id,
+                                 meta={"origin": origin, "settings": spec.settings()})
+
+
+# ==================================================================================================
+# Authentication and body size (pure ASGI, so it also covers /openapi.json, /docs and streams)
+# ==================================================================================================
+
+
+def _public(path: str) -> bool:
+    return path in ("/", "/index.html") or path.startswith("/web/")
+
+
+class GuardMiddleware:
+    """With an API key, every route but the page's static files needs `Authorization: Bearer KEY`
+    (HTTP Basic with the key as password is accepted too, which is how A1111 clients send credentials)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.key = app, api_key
+
+    def _authorised(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer":
+            return secrets.compare_digest(value.encode(), self.key.encode())
+        if scheme.lower() == "basic":
+            try:
+                _user, _, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, ValueError):
+                return False
+            return secrets.compare_digest(password.encode(), self.key.encode())
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        length = headers.get("content-length", "")
+        if scope["type"] == "http" and length.isdigit() and int(length) > MAX_BODY:
+            return await JSONResponse({"detail": f"request body larger than {MAX_BODY} bytes"}, 413)(scope, receive, send)
+        if self.key is not None and not _public(scope["path"]) and not self._authorised(headers.get("authorization", "")):
+            if scope["type"] == "websocket":  # close the handshake: 1008 = policy violation (RFC 6455)
+                return await send({"type": "websocket.close", "code": 1008})
+            resp = JSONResponse({"detail": "missing or wrong API key: send 'Authorization: Bearer <key>'"}, 401,
+                                headers={"WWW-Authenticate": 'Bearer realm="stablexl"'})
+            return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# ==================================================================================================
+# Errors: every bad field is a 4xx naming the field
+# ==================================================================================================
+
+
+def _is_a1111(request: Request) -> bool:
+    return request.url.path.startswith("/sdapi/")
+
+
+def _clean_errors(errors) -> list[dict]:
+    # pydantic's error records echo the input (could be megabytes of base64) and may hold exceptions
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors]
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errors = _clean_errors(exc.errors())
+    body = {"detail": errors}
+    if _is_a1111(request):  # A1111's error shape (reference/peers.md §2.1) plus FastAPI's detail list
+        text = "; ".join(f"{'.'.join(map(str, e['loc'][1:] or e['loc']))}: {e['msg']}" for e in errors)
+        body = {"error": "RequestValidationError", "detail": errors, "body": "", "errors": text}
+    return JSONResponse(body, 422)
+
+
+async def _input_error(request: Request, exc: InputError):
+    if _is_a1111(request):
+        name = a1111.FIELD_NAMES.get(exc.field, exc.field)
+        return JSONResponse({"error": "InputError", "detail": exc.message, "field": name, "body": "",
+                             "errors": f"{name}: {exc.message}"}, exc.status)
+    return JSONResponse({"detail": [{"loc": ["body", *exc.field.split(".")], "msg": exc.message,
+                                     "type": "value_error"}]}, exc.status)
+
+
+async def _queue_full(request: Request, exc: QueueFull):
+    return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
+
+
+# ==================================================================================================
+# The app
+# ==================================================================================================
+
+
+def create_app(config: ServeConfig | None = None) -> FastAPI:
+    config = config or ServeConfig()
+    server = Server(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(server.models.load_all)  # torch work, off the event loop
+        server.queue.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(server.queue.stop)
+
+    app = FastAPI(title="stablexl", version=__version__, lifespan=lifespan,
+                  description="Stable Diffusion XL from scratch: a native job API (/v1) and an "
+                              "AUTOMATIC1111-compatible surface (/sdapi/v1).")
+    app.state.server = server
+    app.add_middleware(GuardMiddleware, api_key=config.api_key)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(QueueFull, _queue_full)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(native.router)
+    app.include_router(a1111.router)
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html")
+
+    return app
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the app on uvicorn (blocks). Localhost unless config.host says otherwise."""
+    import uvicorn
+
+    if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use the server",
+                    config.host)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")

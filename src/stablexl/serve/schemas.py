@@ -1,0 +1,236 @@
+"""Request and response bodies of both HTTP surfaces (pydantic; they are also the OpenAPI schema).
+
+Static bounds live here (a seed fits 32 bits, a noise level is 0-999); the server's configurable limits
+(max width, steps, batch) and everything that depends on the loaded model are checked in generation.py.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT = 20_000  # characters of a prompt; long prompts are chunked by the encoder, this only bounds abuse
+
+
+# (pydantic already refuses strings with lone surrogates, which JSON can carry: "unable to parse raw data")
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Seed = Annotated[int, Field(ge=-1, le=2**32 - 1, description="-1 or null: random")]
+Pair = tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]]
+SizePair = tuple[Annotated[int, Field(ge=1, le=16384)], Annotated[int, Field(ge=1, le=16384)]]
+Image64 = Annotated[str, Field(description="base64 image (PNG/JPEG/WebP), optionally a data: URL")]
+Name = Annotated[str, Field(max_length=256)]
+
+
+# ==================================================================================================
+# Native API (/v1)
+# ==================================================================================================
+
+
+class Latents(BaseModel):
+    """Raw latents: float32 little-endian, C order, base64; scaled as the UNet sees them."""
+
+    model_config = ConfigDict(extra="forbid")
+    shape: tuple[int, int, int, int]
+    data: Annotated[str, Field(description="base64 of the float32 values")]
+
+
+class GenerateRequest(BaseModel):
+    """Every option of `Pipeline.__call__` / `Pipeline.refine`; null means the model's default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    prompt: Text
+    negative_prompt: Text | None = Field(None, description="null: SDXL base uses zeroed uncond embeddings")
+    model: Name | None = Field(None, description="a loaded model (GET /v1/models); null: the default one")
+    sampler: Name | None = Field(None, description="our name (GET /v1/samplers) or an A1111 name, e.g. 'DPM++ 2M Karras'")
+    schedule: Name | None = Field(None, description="leading trailing linspace karras exponential")
+    steps: int | None = Field(None, ge=1, le=10_000)
+    cfg: float | None = Field(None, ge=0.0, le=100.0)
+    seed: Seed | None = None
+    width: int | None = Field(None, ge=1, le=16384)
+    height: int | None = Field(None, ge=1, le=16384)
+    batch: int = Field(1, ge=1, le=1024)
+    guidance_rescale: float = Field(0.0, ge=0.0, le=1.0)
+    # image-to-image / inpainting
+    init_image: Image64 | None = None
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+    mask: Image64 | None = Field(None, description="white = repaint; same size as init_image")
+    mask_blur: float = Field(0.0, ge=0.0, le=64.0)
+    mask_invert: bool = False
+    # base -> refiner hand-off, in one job or by hand (output_type latent + latents)
+    refiner: Name | None = Field(None, description="a loaded refiner model to hand the last steps to")
+    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
+    denoising_start: float | None = Field(None, gt=0.0, lt=1.0)
+    denoising_end: float | None = Field(None, gt=0.0, lt=1.0)
+    latents: Latents | None = None
+    output_type: Literal["pil", "latent"] = "pil"
+    # SDXL micro-conditioning (pairs are (height, width) and (top, left), as the CLI)
+    original_size: SizePair | None = None
+    crop: Pair = (0, 0)
+    target_size: SizePair | None = None
+    negative_original_size: SizePair | None = None
+    negative_crop: Pair | None = None
+    negative_target_size: SizePair | None = None
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
+    negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
+    # unCLIP variations
+    image_prompt: Image64 | None = None
+    noise_level: int = Field(0, ge=0, le=999)
+    vae_tile: int | None = Field(None, ge=16, le=1024, description="decode in tiles of this many latents")
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    fraction: float
+
+
+class ImageOut(BaseModel):
+    image: str = Field(description="base64 PNG with the infotext in its `parameters` chunk")
+    seed: int
+    width: int
+    height: int
+    infotext: str
+
+
+class LatentsOut(BaseModel):
+    shape: list[int]
+    dtype: str = "float32"
+    data: str
+
+
+class JobView(BaseModel):
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    queue_position: int | None = None
+    progress: Progress
+    eta_seconds: float | None = None
+    cancel_requested: bool = False
+    preview: str | None = Field(None, description="base64 PNG of the current latent while running")
+    images: list[ImageOut] = []
+    latents: LatentsOut | None = None
+    error: str | None = None
+    notes: list[str] = []
+    settings: dict[str, Any] = {}
+
+
+class ModelView(BaseModel):
+    name: str
+    family: str
+    resolution: int
+    size_multiple: int
+    default: bool
+    defaults: dict[str, Any]
+    inpainting: bool
+    notes: list[str]
+
+
+class NameView(BaseModel):
+    name: str
+    a1111_name: str | None
+
+
+class SamplersView(BaseModel):
+    samplers: list[NameView]
+    schedules: list[NameView]
+
+
+# ==================================================================================================
+# A1111 surface (/sdapi/v1), fields from reference/peers.md §2.1; unknown fields are accepted and ignored
+# ==================================================================================================
+
+
+class _A1111Common(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    prompt: Text = ""
+    negative_prompt: Text = ""
+    styles: list[Name] | None = None
+    seed: Seed = -1
+    subseed: int | None = -1
+    subseed_strength: float | None = 0.0
+    seed_resize_from_w: int | None = -1
+    seed_resize_from_h: int | None = -1
+    sampler_name: Name | None = None
+    sampler_index: Name | None = None
+    scheduler: Name | None = None
+    batch_size: int = Field(1, ge=1, le=1024)
+    n_iter: int = Field(1, ge=1, le=1024)
+    steps: int | None = Field(None, ge=1, le=10_000)
+    cfg_scale: float | None = Field(None, ge=0.0, le=100.0)
+    width: int | None = Field(None, ge=1, le=16384)
+    height: int | None = Field(None, ge=1, le=16384)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: Name | None = None
+    refiner_switch_at: float | None = Field(None, gt=0.0, lt=1.0)
+    disable_extra_networks: bool = False
+    comments: dict[str, Any] | None = None
+    script_name: Name | None = None
+    script_args: list[Any] = []
+    alwayson_scripts: dict[str, Any] = {}
+    send_images: bool = True
+    save_images: bool = False
+    force_task_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:()\-]{1,128}$")] | None = None
+    # SDXL conditioning extras (our additions; A1111 keeps these in settings)
+    aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
+    negative_aesthetic_score: float = Field(2.5, ge=0.0, le=10.0)
+
+
+class Txt2ImgRequest(_A1111Common):
+    enable_hr: bool = False
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
+    hr_scale: float | None = None
+    hr_upscaler: Name | None = None
+    hr_second_pass_steps: int | None = None
+    hr_resize_x: int | None = None
+    hr_resize_y: int | None = None
+    firstphase_width: int | None = None
+    firstphase_height: int | None = None
+
+
+class Img2ImgRequest(_A1111Common):
+    init_images: list[Image64] = Field(default_factory=list, max_length=16)
+    resize_mode: int = Field(0, ge=0, le=3)
+    denoising_strength: float = Field(0.75, gt=0.0, le=1.0)
+    image_cfg_scale: float | None = None
+    mask: Image64 | None = None
+    mask_blur: float | None = Field(None, ge=0.0, le=64.0)
+    mask_blur_x: float | None = Field(None, ge=0.0, le=64.0)
+    mask_blur_y: float | None = Field(None, ge=0.0, le=64.0)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+
+
+class A1111Result(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image: Image64
+
+
+class PngInfoResult(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
