@@ -134,6 +134,43 @@ def _add_serve(sub) -> None:
     s.set_defaults(func=_serve)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate, summary_lines
+
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    results = evaluate(args.model, args.data, args.clip, style=args.style, n_prompts=args.prompts, seed=args.seed,
+                       steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
+                       output=args.output, inception_path=args.inception, score_clip_path=args.score_clip, log=log)
+    print("\n".join(summary_lines(results)))
+    print(f"wrote {args.output}/results.json, contact_sheet.png and images/")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    e = sub.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="score a model on the emoji dataset: FD-miniCLIP, CLIP score, prompt retrieval, pixel identity",
+                       description="Generate one 64x64 image per emoji name (drawn with --seed) and score the set against "
+                                   "the dataset's images of that style. Writes OUTPUT/results.json, contact_sheet.png "
+                                   "and images/.")
+    e.add_argument("--model", required=True, help="checkpoint file, diffusers folder, or a tiny-* preset")
+    e.add_argument("--data", required=True, help="dataset folder written by `stablexl data emoji`")
+    e.add_argument("--clip", required=True, help="clip.safetensors from `stablexl train clip` (FD-miniCLIP, CLIP score)")
+    e.add_argument("--output", required=True, help="folder for results.json, contact_sheet.png and images/")
+    e.add_argument("--style", default="twemoji", help="art style of the dataset to evaluate on")
+    e.add_argument("--prompts", type=int, default=200, help="emoji names to generate, one image each")
+    e.add_argument("--steps", type=int, default=30, help="sampling steps")
+    e.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    e.add_argument("--sampler", default="dpmpp_2m", help="sampler name")
+    e.add_argument("--schedule", default="karras", help="sigma schedule")
+    e.add_argument("--seed", type=int, default=0, help="draws the names; image i uses seed + i")
+    e.add_argument("--batch", type=int, default=25, help="images generated per call")
+    e.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (TorchScript) to also report FID")
+    e.add_argument("--score-clip", default=None,
+                   help="a second CLIP for CLIP score and retrieval: clip.safetensors or a local transformers CLIP folder")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.set_defaults(func=_eval)
+
+
 def _data_emoji(args: argparse.Namespace) -> int:
     from .mini.emoji import build_dataset
 
@@ -320,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_data_emoji)
     _add_train(sub)
     _add_serve(sub)
+    _add_eval(sub)
     return p
 
 
