@@ -138,7 +138,8 @@ class UNetTask:
         if not self.opt.cache_latents:
             b = self.data.batch(data_step, ctx.rank, ctx.world)
             post = vae.encode(b.pixels.to(ctx.device))
-            noise = ctx.local(torch.randn((b.pixels.shape[0] * ctx.world, *post.mean.shape[1:]), generator=gen))
+            shape = (self.data.batcher.batch_size, *post.mean.shape[1:])  # drawn over the global batch, always
+            noise = ctx.local(torch.randn(shape, generator=gen))[: b.pixels.shape[0]]
             return (post.mean + post.std * noise) * sf, b.captions, b.original_size, b.crop, b.target_size
         epoch, bucket, idx = self.data.batcher.batch(data_step)
         mine = idx[ctx.rank * (len(idx) // ctx.world):(ctx.rank + 1) * (len(idx) // ctx.world)]
