@@ -208,8 +208,9 @@ class Pipeline:
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
             run = min(int(steps * strength), steps)
             if run < 1:
+                need = f"to at least {math.ceil(1 / strength)} " if strength >= 1e-6 else ""
                 raise ValueError(f"steps x strength = {steps} x {strength} < 1 leaves no step to run; raise --steps "
-                                 f"to at least {math.ceil(1 / strength)} or raise --strength")
+                                 f"{need}or raise --strength")
             first = steps - run
         t = self.schedule.sigma_to_t(sigmas[:-1]).round()
         n_train = self.schedule.num_train_timesteps

@@ -213,9 +213,12 @@ def resolve(spec: Spec, models: Models, limits: Limits) -> Spec:
                                   f"(batch {spec.batch} x iterations {spec.n_iter})")
     if spec.seed is None or spec.seed == -1:
         spec.seed = secrets.randbelow(2**31 - 1)  # A1111: -1 = random
+    if spec.strength is not None and not 0.0 < spec.strength <= 1.0:
+        raise InputError("strength", f"strength must be in (0, 1], got {spec.strength}")
     if spec.strength is not None and int(spec.steps * spec.strength) < 1:
         raise InputError("strength", f"steps x strength = {spec.steps} x {spec.strength} < 1 leaves no step to run; "
-                                     f"raise steps to at least {math.ceil(1 / spec.strength)}")
+                                     + (f"raise steps to at least {math.ceil(1 / spec.strength)}" if spec.strength >= 1e-6
+                                        else "raise strength"))
 
     # ---- images -----------------------------------------------------------------------------------
     if spec.mask is not None and spec.init_image is None:
