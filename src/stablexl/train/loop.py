@@ -53,7 +53,6 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    gradient_checkpointing: bool = False
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

@@ -42,7 +42,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
         lr=a.lr if a.lr is not None else d["lr"], warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, ema_decay=a.ema_decay if a.ema_decay is not None else d["ema_decay"], seed=a.seed,
-        precision=a.precision, gradient_checkpointing=a.gradient_checkpointing, checkpoint_every=a.checkpoint_every,
+        precision=a.precision, checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, sample_every=a.sample_every,
     )
 
@@ -88,7 +88,6 @@ def build_task(a: argparse.Namespace):
                                lpips_vgg=a.lpips_vgg, lpips_lin=a.lpips_lin, disc_start=a.disc_start,
                                disc_weight=a.disc_weight, disc_ndf=a.disc_ndf)
         return VAETask(vae, make_data(a), opts, grad_accum=a.grad_accum)
-    from ..models.parts import build_parts
     from .unet import UNetTask, UNetTrainOptions
 
     parts = _unet_parts(a)
@@ -96,9 +95,9 @@ def build_task(a: argparse.Namespace):
         prediction=a.prediction, dropout_text=a.dropout_text, dropout_original_size=a.dropout_size,
         dropout_crop=a.dropout_crop, dropout_target_size=a.dropout_target, offset_noise=a.offset_noise,
         min_snr_gamma=a.min_snr_gamma, cache_latents=a.cache_latents, cache_text=not a.no_cache_text,
-        sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps)
-    del build_parts
-    return UNetTask(parts, make_data(a), opts, gradient_checkpointing=a.gradient_checkpointing)
+        sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps,
+        gradient_checkpointing=a.gradient_checkpointing)
+    return UNetTask(parts, make_data(a), opts)
 
 
 def _unet_parts(a: argparse.Namespace):

@@ -42,6 +42,7 @@ class UNetTrainOptions:
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20
     sample_cfg: float = 5.0
+    gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass
 
 
 def dropout_keep(gen: torch.Generator, batch: int, rates: tuple[float, ...]) -> Tensor:
@@ -52,8 +53,7 @@ def dropout_keep(gen: torch.Generator, batch: int, rates: tuple[float, ...]) -> 
 class UNetTask:
     name = "unet"
 
-    def __init__(self, parts: ModelParts, data: TrainData, options: UNetTrainOptions = UNetTrainOptions(),
-                 *, gradient_checkpointing: bool = False):
+    def __init__(self, parts: ModelParts, data: TrainData, options: UNetTrainOptions = UNetTrainOptions()):
         cfg = parts.config
         if cfg.family not in ("sdxl-base", "sd1", "sd2"):
             raise ValueError(f"UNet training supports sdxl-base, sd1 and sd2 models, not {cfg.family!r}")
@@ -66,7 +66,7 @@ class UNetTask:
         for m in [parts.vae, *parts.text_encoders]:
             m.eval().requires_grad_(False)
         parts.unet.requires_grad_(True)
-        parts.unet.gradient_checkpointing = gradient_checkpointing
+        parts.unet.gradient_checkpointing = options.gradient_checkpointing
         self._text: dict[str, tuple[Tensor, Tensor | None]] = {}
         self._latents: dict[int, tuple[Tensor, Tensor, tuple, tuple, tuple, str]] = {}
         if options.cache_text:
