@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/stablexl generate "grinning face" --model tiny-sdxl --steps 20 --seed 1 --output demo.png
+	$(BIN)/stablexl generate "grinning face" --seed 1 --output demo.png
 
 # Per-clone tmp (--basetemp) so concurrent runs never clean up each other. The full-size parity modules
 # run in processes of their own: each test needs up to 15 GB, and a fresh process keeps earlier tests'

@@ -1,4 +1,5 @@
-"""The CLI end to end on the tiny preset: PNGs with infotext, and one-line errors for bad arguments."""
+"""The CLI end to end on the tiny preset and the shipped miniature (the default): PNGs with infotext, and one-line
+errors for bad arguments."""
 
 import pytest
 from PIL import Image
@@ -8,8 +9,8 @@ from stablexl.cli import main
 
 def test_generate_writes_png_with_parameters(tmp_path, capsys):
     out = tmp_path / "a.png"
-    assert main(["generate", "grinning face", "--steps", "3", "--seed", "4", "--batch", "2", "--output", str(out),
-                 "--sampler", "DPM++ 2M Karras", "--quiet"]) == 0
+    assert main(["generate", "grinning face", "--model", "tiny-sdxl", "--steps", "3", "--seed", "4", "--batch", "2",
+                 "--output", str(out), "--sampler", "DPM++ 2M Karras", "--quiet"]) == 0
     for k in range(2):
         img = Image.open(tmp_path / f"a-{k}.png")
         assert img.size == (64, 64)

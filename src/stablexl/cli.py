@@ -105,7 +105,7 @@ def _info(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .serve import ServeConfig, serve
 
-    serve(ServeConfig(models=args.model or ["tiny-sdxl"], host=args.host, port=args.port, api_key=args.api_key,
+    serve(ServeConfig(models=args.model or ["mini"], host=args.host, port=args.port, api_key=args.api_key,
                       max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                       max_batch=args.max_batch, queue_size=args.queue_size, job_ttl=args.job_ttl,
                       preview=args.preview, dtype=args.dtype))
@@ -118,7 +118,7 @@ def _add_serve(sub) -> None:
                        description="Serve models over HTTP (FastAPI on uvicorn). OpenAPI schema at /openapi.json.")
     s.add_argument("--model", action="append", default=None,
                    help="model to serve (repeat for several, e.g. a base and a refiner; the first is the default); "
-                        "none given: tiny-sdxl")
+                        "none given: mini, the shipped miniature")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (localhost only by default)")
     s.add_argument("--port", type=int, default=7860, help="port")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but the page")
@@ -152,9 +152,9 @@ def _add_eval(sub) -> None:
                        description="Generate one 64x64 image per emoji name (drawn with --seed) and score the set against "
                                    "the dataset's images of that style. Writes OUTPUT/results.json, contact_sheet.png "
                                    "and images/.")
-    e.add_argument("--model", required=True, help="checkpoint file, diffusers folder, or a tiny-* preset")
+    e.add_argument("--model", required=True, help="checkpoint file, diffusers folder, 'mini', or a tiny-* preset")
     e.add_argument("--data", required=True, help="dataset folder written by `stablexl data emoji`")
-    e.add_argument("--clip", required=True, help="clip.safetensors from `stablexl train clip` (FD-miniCLIP, CLIP score)")
+    e.add_argument("--clip", required=True, help="clip.safetensors from `stablexl train clip`, or 'mini' for the shipped one (FD-miniCLIP, CLIP score)")
     e.add_argument("--output", required=True, help="folder for results.json, contact_sheet.png and images/")
     e.add_argument("--style", default="twemoji", help="art style of the dataset to evaluate on")
     e.add_argument("--prompts", type=int, default=200, help="emoji names to generate, one image each")
@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from a prompt (and optionally an init image, a mask, a refiner).")
     g.add_argument("prompt")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from (SDXL: none = zeroed uncond)")
-    g.add_argument("--model", default="tiny-sdxl",
-                   help="checkpoint file, diffusers folder, HF cache id, or a tiny-* preset (random weights)")
+    g.add_argument("--model", default="mini",
+                   help="checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature trained on emoji "
+                        "art), or a tiny-* preset (random weights)")
     g.add_argument("--sampler", default=None, help="ddpm ddim euler euler_ancestral heun dpmpp_2m dpmpp_2m_sde lcm, "
                                                    "or an A1111 name like 'DPM++ 2M Karras' (default: per model)")
     g.add_argument("--schedule", default=None, help="leading trailing linspace karras exponential (default: per model)")

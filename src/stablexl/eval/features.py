@@ -60,8 +60,12 @@ class CLIPEmbedder:
     @classmethod
     def load(cls, path: str | Path, pad_ids: Sequence[int] | None = None) -> CLIPEmbedder:
         """`clip.safetensors` from `stablexl train clip` (label "miniCLIP"; pad ids those of the mini preset's
-        text encoders), or a transformers CLIP folder (label: the folder name; pad id from its tokenizer)."""
+        text encoders), "mini" (the CLIP shipped with the miniature), or a transformers CLIP folder (label: the folder name; pad id from its tokenizer)."""
         p = Path(path)
+        if str(path) == "mini" and not p.exists():  # the CLIP shipped with the miniature (stablexl/assets/mini)
+            from ..mini.weights import mini_clip
+
+            return cls(mini_clip(), pad_ids or tuple(spec.pad_id for spec in PRESETS["mini"].text_encoders), "miniCLIP")
         if p.is_dir():
             model, pad = load_transformers_clip(p)
             return cls(model, pad_ids or (pad,), p.name)

@@ -69,11 +69,20 @@ class CLIPEncoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with its default N(0, 1) init, skipped on the meta device: there `normal_` goes through
+    torch._refs, whose first use imports torch._dynamo (~2-5 s of every model load)."""
+    w = torch.empty(num, dim)  # on the device of the surrounding `with torch.device(...)`
+    if w.device.type != "meta":
+        nn.init.normal_(w)
+    return nn.Embedding(num, dim, _weight=w)
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = _embedding(cfg.max_length, cfg.width)
 
     def forward(self, ids: Tensor) -> Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)

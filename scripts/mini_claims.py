@@ -1,0 +1,176 @@
+"""The SDXL paper's conditioning claims, measured on a miniature (docs/mini.md §6). Inference only.
+
+    python scripts/mini_claims.py --model mini --clip mini --data /work/data/emoji --out docs/mini/claims \
+        [--parts size crop aspect cfg curve] [--states RUN_KEEP_DIR --vae VAE --clip-file CLIP]
+
+  size    original_size 16..64 at fixed seeds: sharpness (mean squared Laplacian) and pixel identity
+          (Podell et al. 2023, §2.2 and Fig. 3)
+  crop    crop (c, c) for c = 0..16: share of object pixels in the 2-px border (Fig. 5)
+  aspect  the training canvases' aspect ratios: the same border share, generated vs the dataset's images
+  cfg     a guidance sweep scored by `stablexl eval`: FD-miniCLIP against CLIP score (Fig. 12's trade-off)
+  curve   `stablexl eval` identity / retrieval / FD at every kept training state of a UNet run
+
+Writes OUT/claims.json, OUT/*.png grids and plots, and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from stablexl.eval import harness as H  # noqa: E402
+from stablexl.eval import metrics as M  # noqa: E402
+from stablexl.pipeline import Pipeline  # noqa: E402
+from stablexl.train.grid import image_grid  # noqa: E402
+from stablexl.train.plot import plot_series  # noqa: E402
+
+SIZES = (16, 24, 32, 48, 64)
+CROPS = (0, 4, 8, 12, 16)
+CANVASES = ((64, 64), (48, 80), (80, 48), (56, 72), (72, 56), (40, 96), (96, 40))  # (H, W), as in the dataset
+CFGS = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0)
+SAMPLE = dict(steps=30, sampler="dpmpp_2m", schedule="karras")
+
+
+def gen(pipe, prompts, seed, cfg=5.0, batch=50, **kw):
+    out = []
+    for i in range(0, len(prompts), batch):
+        out += pipe(prompts[i:i + batch], cfg=cfg, seed=seed + i, **SAMPLE, **kw).images
+    return out
+
+
+def stats(x: torch.Tensor) -> tuple[float, float]:
+    """mean and its standard error"""
+    return float(x.mean()), float(x.std() / len(x) ** 0.5)
+
+
+def size_claim(pipe, ref, names, prompts, out: Path) -> dict:
+    rows, cells = [], []
+    for s in SIZES:
+        imgs = gen(pipe, prompts, 1000, original_size=(s, s))
+        t = M.images_to_tensor(imgs)
+        ident, _ = M.pixel_identity(imgs, names, *ref)
+        rows.append({"original_size": s, "sharpness": stats(M.sharpness(t)), "identity": ident})
+        cells.append(imgs[:8])
+    image_grid([im for col in zip(*cells) for im in col], [f"orig {s}" for _ in range(8) for s in SIZES],
+               cols=len(SIZES)).save(out / "size.png")
+    return {"rows": rows}
+
+
+def crop_claim(pipe, ref, names, prompts, out: Path) -> dict:
+    rows, cells = [], []
+    for c in CROPS:
+        imgs = gen(pipe, prompts, 2000, crop=(c, c))
+        t = M.images_to_tensor(imgs)
+        ident, _ = M.pixel_identity(imgs, names, *ref)
+        rows.append({"crop": c, "border_fraction": stats(M.border_fraction(t, H.BORDER)), "identity": ident})
+        cells.append(imgs[:8])
+    image_grid([im for col in zip(*cells) for im in col], [f"crop {c},{c}" for _ in range(8) for c in CROPS],
+               cols=len(CROPS)).save(out / "crop.png")
+    return {"rows": rows}
+
+
+def aspect_claim(pipe, data: Path, prompts, out: Path) -> dict:
+    records = [json.loads(ln) for ln in (data / "metadata.jsonl").read_text().splitlines() if ln.strip()]
+    rows, cells = [], []
+    for h, w in CANVASES:
+        imgs = gen(pipe, prompts, 3000, width=w, height=h)
+        g = M.border_fraction(M.images_to_tensor(imgs), H.BORDER)
+        real = [data / r["file"] for r in records if r["kind"] == "composition"]
+        from PIL import Image
+
+        real_imgs = [im for im in (Image.open(p).convert("RGB") for p in real[:4000]) if im.size == (w, h)][:200]
+        r = M.border_fraction(M.images_to_tensor(real_imgs), H.BORDER) if real_imgs else None
+        rows.append({"height": h, "width": w, "border_fraction": stats(g),
+                     "real_compositions": stats(r) if r is not None else None, "real_n": len(real_imgs)})
+        cells += imgs[:6]
+    image_grid(cells, [f"{w}x{h}" for h, w in CANVASES for _ in range(6)], cols=6).save(out / "aspect.png")
+    return {"rows": rows}
+
+
+def cfg_claim(pipe, data: Path, clip, out: Path, n: int) -> dict:
+    rows = []
+    for c in CFGS:
+        r = H.evaluate(pipe, data, clip, n_prompts=n, cfg=c, **SAMPLE)
+        g = r["generated"]
+        rows.append({"cfg": c, "fd": g["fd"]["FD-miniCLIP"], "clip_score": g["clip"]["miniCLIP"]["score"],
+                     "top1": g["clip"]["miniCLIP"]["top1"], "identity": g["pixel_identity"]})
+        print(f"cfg {c}: {rows[-1]}", file=sys.stderr)
+    plot_series({"FD-miniCLIP vs CLIP score (labels: cfg)": [(r["clip_score"], r["fd"]) for r in rows]},
+                out / "cfg.png", title="guidance sweep: FD-miniCLIP (y) against miniCLIP score (x)", xlabel="miniCLIP score")
+    return {"rows": rows}
+
+
+def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: Path, n: int) -> dict:
+    from stablexl.mini.weights import model_from_state
+
+    rows = []
+    for st in sorted(states.glob("state-*.safetensors")):
+        step = int(st.stem.split("-")[1])
+        tmp = out / f"_model-{step}.safetensors"
+        model_from_state(st, vae, clip_file, tmp)
+        r = H.evaluate(str(tmp), data, clip, n_prompts=n, cfg=5.0, **SAMPLE)
+        tmp.unlink()
+        g = r["generated"]
+        rows.append({"step": step, "identity": g["pixel_identity"], "fd": g["fd"]["FD-miniCLIP"],
+                     "top1": g["clip"]["miniCLIP"]["top1"], "clip_score": g["clip"]["miniCLIP"]["score"]})
+        print(f"step {step}: {rows[-1]}", file=sys.stderr)
+    if rows:
+        plot_series({"pixel identity": [(r["step"], r["identity"]) for r in rows],
+                     "retrieval top-1 (miniCLIP)": [(r["step"], r["top1"]) for r in rows]},
+                    out / "curve.png", title="mini UNet: identity accuracy over training (EMA weights)")
+    return {"rows": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mini")
+    p.add_argument("--clip", default="mini", help="CLIP for eval: clip.safetensors or 'mini'")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", nargs="+", default=["size", "crop", "aspect", "cfg"])
+    p.add_argument("--prompts", type=int, default=100, help="emoji names per setting (size/crop/aspect)")
+    p.add_argument("--eval-prompts", type=int, default=200, help="names per eval (cfg/curve)")
+    p.add_argument("--states", default=None)
+    p.add_argument("--vae", default=None)
+    p.add_argument("--clip-file", default=None)
+    a = p.parse_args()
+    out, data = Path(a.out), Path(a.data)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "claims.json"
+    results = json.loads(res_path.read_text()) if res_path.exists() else {}
+    ref_ = H.read_emoji_reference(data, "twemoji")
+    names = H.pick_names(ref_, a.prompts, seed=1)
+    prompts = [H.emoji_prompt(n, "twemoji") for n in names]
+    ref_names = sorted(ref_.images)
+    ref = ([H._open(ref_.images[n]) for n in ref_names], ref_names, H.PIXEL_SIZE)
+    pipe = Pipeline.from_pretrained(a.model) if "curve" != a.parts[0] or len(a.parts) > 1 else None
+    for part in a.parts:
+        t0 = time.perf_counter()
+        if part == "size":
+            results[part] = size_claim(pipe, ref, names, prompts, out)
+        elif part == "crop":
+            results[part] = crop_claim(pipe, ref, names, prompts, out)
+        elif part == "aspect":
+            results[part] = aspect_claim(pipe, data, prompts, out)
+        elif part == "cfg":
+            results[part] = cfg_claim(pipe, data, a.clip, out, a.eval_prompts)
+        elif part == "curve":
+            results[part] = curve_claim(Path(a.states), a.vae, a.clip_file, data, a.clip, out, a.eval_prompts)
+        else:
+            p.error(f"unknown part {part!r}")
+        results[part]["seconds"] = round(time.perf_counter() - t0, 1)
+        results[part]["prompts"] = a.eval_prompts if part in ("cfg", "curve") else a.prompts
+        res_path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"## {part}\n" + "\n".join(json.dumps(r) for r in results[part]["rows"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The shipped miniature: `ship()` writes the two asset files from training outputs and refuses a CLIP whose
+text towers are not the model's; the reassembled CLIP equals the trained one; the packaged files load, stay
+within the 60 MB budget, and generate through `Pipeline.from_pretrained("mini")` and the default CLI."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stablexl.cli import main
+from stablexl.config import MINI_VISION, PRESETS
+from stablexl.io.checkpoint import CheckpointError
+from stablexl.io.models import save_model
+from stablexl.mini import weights as W
+from stablexl.models.parts import build_parts
+from stablexl.pipeline import Pipeline
+from stablexl.train.components import CLIPModel, save_component
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Random-weight stand-ins for a UNet run's model.safetensors and the CLIP run it used."""
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    parts = build_parts(PRESETS["mini"], device="cpu")
+    clip = CLIPModel(MINI_VISION, [te.config for te in parts.text_encoders])
+    for tower, te in zip(clip.texts, parts.text_encoders):
+        tower.load_state_dict(te.state_dict())
+    with torch.no_grad():
+        clip.logit_scale.fill_(3.0)
+    return save_model(parts, root / "model.safetensors"), save_component(clip, root / "clip.safetensors"), parts, clip
+
+
+def test_ship_round_trip(trained, tmp_path):
+    model_path, clip_path, parts, clip = trained
+    files = W.ship(model_path, clip_path, tmp_path)
+    assert set(files) == {W.MODEL_FILE, W.VISION_FILE}
+    loaded = W.load_mini_parts(root=tmp_path)
+    assert loaded.unet.conv_in.weight.dtype == torch.float32  # stored fp16, upcast for the CPU
+    for name, m in parts.modules().items():
+        for (k, a), b in zip(m.state_dict().items(), loaded.modules()[name].state_dict().values()):
+            assert torch.equal(a.half().float(), b), f"{name}.{k}"
+    reassembled = W.mini_clip(loaded, root=tmp_path)
+    ref = {k: v.half().float() if k != "logit_scale" else v for k, v in clip.state_dict().items()}
+    got = reassembled.state_dict()
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_ship_refuses_a_different_clip(trained, tmp_path):
+    model_path, _, parts, clip = trained
+    other = CLIPModel(MINI_VISION, [te.config for te in parts.text_encoders])  # fresh towers
+    bad = save_component(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="text tower 0 .* differs"):
+        W.ship(model_path, bad, tmp_path / "out")
+
+
+def test_missing_or_pointer_weights_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="reinstall stablexl"):
+        W.shipped_model_file(tmp_path)
+    (tmp_path / W.MODEL_FILE).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    with pytest.raises(CheckpointError, match="git lfs pull"):
+        W.shipped_model_file(tmp_path)
+
+
+# ---- the files in the package -------------------------------------------------------------------------------
+
+
+def test_shipped_files_fit_the_budget():
+    sizes = {f: (W.ASSET_DIR / f).stat().st_size for f in (W.MODEL_FILE, W.VISION_FILE)}
+    assert sum(sizes.values()) <= 60e6, sizes
+
+
+def test_from_pretrained_mini_generates_an_emoji_like_image():
+    pipe = Pipeline.from_pretrained("mini")
+    assert pipe.config.name == "mini" and pipe.defaults["sampler"] == "dpmpp_2m"
+    assert not any("randomly initialised" in n for n in pipe.parts.notes)
+    img = np.asarray(pipe("red apple", steps=12, seed=0).images[0], dtype=np.float32)
+    assert img.shape == (64, 64, 3)
+    # emoji art on white: a light background and a saturated object, not noise or a flat field
+    border = np.concatenate([img[:3].reshape(-1, 3), img[-3:].reshape(-1, 3)])
+    assert border.mean() > 200, border.mean()
+    assert img.std() > 30, img.std()
+
+
+def test_mini_clip_prefers_the_right_caption():
+    from stablexl.eval.features import CLIPEmbedder
+
+    clip = CLIPEmbedder.load("mini")
+    pipe = Pipeline.from_pretrained("mini")
+    names = ["red apple", "rocket", "snowman", "grinning face"]
+    imgs = pipe([f"{n}, twemoji style" for n in names], steps=20, seed=1).images
+    e_img = torch.nn.functional.normalize(clip.images(imgs), dim=-1)
+    e_txt = torch.nn.functional.normalize(clip.texts([f"{n}, twemoji style" for n in names])[1], dim=-1)
+    sims = e_img @ e_txt.T
+    assert (sims.argmax(1) == torch.arange(4)).float().mean() >= 0.5, sims
+
+
+def test_cli_default_is_the_miniature(tmp_path, capsys):
+    out = tmp_path / "face.png"
+    assert main(["generate", "grinning face", "--seed", "3", "--steps", "10", "--output", str(out), "--quiet"]) == 0
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    text = img.text["parameters"]
+    assert "Model: mini" in text and "Sampler: DPM++ 2M" in text and "Schedule type: Karras" in text
+    assert "randomly initialised" not in capsys.readouterr().out
