@@ -215,6 +215,10 @@ def _add_train(sub) -> None:
         g.add_argument("--seed", type=int, default=0, help="seeds init, data order, noise, dropout")
         g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
         g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+        g.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard weights, gradients, optimizer and EMA state over the processes "
+                            "(FSDP2) instead of replicating them (DDP), for models that do not fit one device; "
+                            "states and weights are written whole, so a run can resume with or without it")
         g.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable states")
         g.add_argument("--keep-checkpoints", type=int, default=2, help="newest states kept")
         g.add_argument("--log-every", type=int, default=10, help="steps between log.jsonl lines")

@@ -146,6 +146,38 @@ def test_two_processes_reach_the_weights_of_one(shapes_data, tmp_path):
     assert update > 0 and diff / update < 1e-3 and worst < 1e-4
 
 
+def test_fsdp_two_processes_reach_the_weights_of_one_and_states_resume_anywhere(shapes_data, tmp_path):
+    """FSDP2 (sharded weights, gradients, Adam moments and EMA) with gradient accumulation, against one process;
+    its states hold whole tensors, so a single process resumes one and continues as the sharded run did."""
+    args = UNET + ["--data", str(shapes_data), "--steps", "4", "--checkpoint-every", "2", "--threads", "1",
+                   "--grad-accum", "2"]
+    one = tmp_path / "one"
+    assert run(args + ["--output", str(one)]).returncode == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "stablexl.cli"] + args + ["--fsdp", "--output", str(two)]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (two / "samples").is_dir() and (two / "state-00000004.safetensors").is_file()
+    resumed = tmp_path / "resumed"
+    assert run(args + ["--output", str(resumed), "--resume", str(two / "state-00000002.safetensors")]).returncode == 0
+    wa, wb, wc = (weights(d / "model.safetensors") for d in (one, two, resumed))
+    from stablexl.config import PRESETS
+    from stablexl.models.parts import build_parts
+
+    torch.manual_seed(0)
+    w0 = {f"unet.{k}": v for k, v in build_parts(PRESETS["tiny-sdxl"], "cpu").unet.state_dict().items()}
+    diff = sum(((wa[k] - wb[k]) ** 2).sum() for k in w0).sqrt()
+    update = sum(((wa[k] - w0[k]) ** 2).sum() for k in w0).sqrt()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in w0)
+    worst_resumed = max((wb[k] - wc[k]).abs().max().item() for k in w0)
+    print(f"1 process vs FSDP on 2: |w2 - w1| / |w1 - w0| = {diff / update:.2e}, max {worst:.2e}; "
+          f"FSDP vs resumed from its state in 1 process: max {worst_resumed:.2e}")
+    assert update > 0 and diff / update < 1e-3 and worst < 1e-4 and worst_resumed < 1e-5
+    sa, sb = load_state(one / "state-00000004.safetensors")[0], load_state(two / "state-00000004.safetensors")[0]
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)  # whole tensors, same layout
+
+
 def test_dropout_rates_and_what_is_zeroed():
     from stablexl.config import PRESETS
     from stablexl.models.parts import build_parts

@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP (DTensor) parameter, sharing its storage; a plain tensor as it is.
+    EMA arithmetic is elementwise, so shards update independently."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
@@ -28,14 +34,14 @@ class EMA:
         d = self.current_decay()
         for k, p in module.named_parameters():
             if k in self.shadow:
-                self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+                _local(self.shadow[k]).lerp_(_local(p.detach()).float(), 1.0 - d)
         self.updates += 1
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:
         for k, p in module.named_parameters():
             if k in self.shadow:
-                p.copy_(self.shadow[k].to(p.dtype))
+                _local(p).copy_(_local(self.shadow[k]).to(p.dtype))
 
     @contextlib.contextmanager
     def swapped_in(self, module: nn.Module):
@@ -48,7 +54,7 @@ class EMA:
             with torch.no_grad():
                 for k, p in module.named_parameters():
                     if k in saved:
-                        p.copy_(saved[k])
+                        _local(p).copy_(_local(saved[k]))
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}{k}": v for k, v in self.shadow.items()}

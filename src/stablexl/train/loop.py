@@ -57,6 +57,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
+    fsdp: bool = False  # shard parameters, gradients, optimizer and EMA state over the processes (FSDP2)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -133,9 +134,59 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def _wrap(module: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
     if world == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
+    if cfg.fsdp:
+        return _fully_shard(module, world, device)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _fully_shard(module: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """FSDP2 in place. The units are the innermost repeated blocks (the entries of ModuleLists that hold no
+    ModuleList themselves: resnet and transformer blocks, CLIP layers), whose parameters are gathered only
+    around their own forward and backward; everything else belongs to the root unit. Blocks that take a
+    list they consume (the UNet's up levels pop their skips) are never units: FSDP's input hooks would hand
+    them a copy. Parameters, gradients, Adam moments and the EMA live as 1/world shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for m in list(module.modules()):
+        if isinstance(m, nn.ModuleList):
+            for c in m:
+                if not any(isinstance(x, nn.ModuleList) for x in c.modules()) and \
+                        any(p.requires_grad for p in c.parameters()):
+                    fully_shard(c, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _reshard(raw: dict[str, nn.Module]) -> None:
+    """FSDP leaves a root unit gathered after a forward that had no backward; shard it again (no-op otherwise)."""
+    for m in raw.values():
+        for sub in m.modules():
+            if hasattr(sub, "reshard"):
+                sub.reshard()
+
+
+def _is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    """A sharded (FSDP) tensor gathered whole on every rank (a collective: all ranks call it in the same order)."""
+    return t.full_tensor() if _is_sharded(t) else t
+
+
+def _like(full: Tensor, ref) -> Tensor:
+    """`full` cut into `ref`'s sharding when `ref` is sharded (every rank holds `full`: no communication)."""
+    if not _is_sharded(ref):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements, src_data_rank=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,6 +244,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     for m in raw.values():
         m.to(device).train()
     models = {k: _wrap(m, cfg, world, device) for k, m in raw.items()}
+    sharded = any(_is_sharded(p) for m in raw.values() for p in m.parameters())
     ctx = Context(cfg, rank, world, device, models)
     opts: dict[str, torch.optim.Optimizer] = {}
     for spec in task.optimizers():
@@ -216,9 +268,11 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
         for k, m in raw.items():
             _load_module(m, tensors, f"model.{k}.")
         for name, o in opts.items():
-            load_optimizer(o, name, tensors, meta["optim"][name])
+            load_optimizer(o, name, _shard_optimizer_tensors(o, name, tensors), meta["optim"][name])
         for k, e in emas.items():
-            e.load_state_tensors(tensors, f"ema.{k}.", meta["ema_updates"])
+            pre = f"ema.{k}."
+            e.load_state_tensors({pre + n: _like(tensors[pre + n], sh) for n, sh in e.shadow.items() if pre + n in tensors},
+                                 pre, meta["ema_updates"])
         restore_rng(tensors, meta["rng"])
         start = meta["step"]
         if rank == 0:
@@ -242,6 +296,9 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
             for micro in range(cfg.grad_accum):
                 last = micro == cfg.grad_accum - 1
                 syncs = [m.no_sync() for m in models.values() if hasattr(m, "no_sync") and not last]
+                for m in models.values():
+                    if hasattr(m, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-step only
+                        m.set_requires_gradient_sync(last)
                 with contextlib.ExitStack() as stack:
                     for s in syncs:
                         stack.enter_context(s)
@@ -259,10 +316,11 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
                     g["lr"] = base * lr_scale
                 params = [p for g in o.param_groups for p in g["params"]]
                 if cfg.grad_clip > 0:
-                    logs[f"grad_norm/{name}"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                    logs[f"grad_norm/{name}"] = float(_full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
                 o.step()
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
+            _reshard(raw)  # e.g. the VAE's no-grad forward in a discriminator step
             for k, e in emas.items():
                 e.update(raw[k])
             steps_since += 1
@@ -284,7 +342,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
                 log.flush()
                 t_last, steps_since, window = now, 0, {}
             if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
-                _samples(task, ctx, emas, raw, out, done)
+                _samples(task, ctx, emas, raw, out, done, sharded)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 _checkpoint(out, done, raw, opts, emas, cfg, rank)
             if stop_after is not None and done >= stop_after:
@@ -292,17 +350,30 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     finally:
         if log:
             log.close()
-    _samples(task, ctx, emas, raw, out, cfg.steps)
+    _samples(task, ctx, emas, raw, out, cfg.steps, sharded)
     result = None
-    if rank == 0:
-        from .plot import plot_log
+    with _ema_weights(emas, raw), _gathered(raw, sharded, rank):
+        if rank == 0:
+            from .plot import plot_log
 
-        plot_log(out / "log.jsonl", out / "loss.png")
-        with _ema_weights(emas, raw):
+            plot_log(out / "log.jsonl", out / "loss.png")
             result = task.save(out, ctx)
     if world > 1:
         dist.barrier()
     return result
+
+
+def _shard_optimizer_tensors(o: torch.optim.Optimizer, name: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state's whole Adam moments cut like their (possibly sharded) parameters."""
+    params = [p for g in o.param_groups for p in g["params"]]
+    prefix = f"optim.{name}."
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            idx, key = k[len(prefix):].split(".", 1)
+            p = params[int(idx)] if int(idx) < len(params) else None
+            out[k] = _like(v, p) if p is not None and v.shape == p.shape else v
+    return out
 
 
 def _jsonable(d):
@@ -317,24 +388,51 @@ def _ema_weights(emas: dict[str, EMA], raw: dict[str, nn.Module]):
         yield
 
 
-def _samples(task: Task, ctx: Context, emas, raw, out: Path, step: int) -> None:
-    if ctx.rank != 0:
+@contextlib.contextmanager
+def _gathered(raw: dict[str, nn.Module], sharded: bool, rank: int):
+    """With FSDP, each module's `state_dict()` on rank 0 returns whole tensors (gathered here by all ranks),
+    so a task's `save` writes the same file as without sharding."""
+    if not sharded:
+        yield
+        return
+    full = {k: {n: _full(t) for n, t in m.state_dict().items()} for k, m in raw.items()}
+    if rank != 0:
+        yield
+        return
+    for k, m in raw.items():
+        m.state_dict = lambda *a, _sd=full[k], **kw: dict(_sd)  # instance attribute, removed below
+    try:
+        yield
+    finally:
+        for m in raw.values():
+            del m.state_dict
+
+
+def _samples(task: Task, ctx: Context, emas, raw, out: Path, step: int, sharded: bool = False) -> None:
+    if ctx.rank != 0 and not sharded:  # sharded forwards are collective: every rank runs them
         return
     with _ema_weights(emas, raw), torch.no_grad():
         for m in raw.values():
             m.eval()
+            for sub in m.modules() if sharded else ():  # whole weights: tasks may call methods other than forward
+                if hasattr(sub, "unshard"):
+                    sub.unshard()
         try:
             grid = task.sample_grid(ctx, step)
         finally:
             for m in raw.values():
                 m.train()
-    if grid is not None:
+            _reshard(raw)
+    if grid is not None and ctx.rank == 0:
         (out / "samples").mkdir(exist_ok=True)
         grid.save(out / "samples" / f"step-{step:07d}.png")
 
 
 def _load_module(m: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
+    own = m.state_dict()
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    sd = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() == 1 else v for k, v in sd.items()}
+    sd = {k: _like(v, own[k]) if k in own else v for k, v in sd.items()}  # (states before the VAE's logvar was 1-d)
     missing, unexpected = m.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"training state does not match the model ({len(missing)} missing, {len(unexpected)} "
@@ -343,14 +441,14 @@ def _load_module(m: nn.Module, tensors: dict[str, Tensor], prefix: str) -> None:
 
 def _checkpoint(out: Path, step: int, raw, opts, emas, cfg: TrainConfig, rank: int) -> None:
     tensors: dict[str, Tensor] = {}
-    for k, m in raw.items():
-        tensors.update({f"model.{k}.{n}": t for n, t in m.state_dict().items()})
+    for k, m in raw.items():  # sharded tensors are gathered whole: the file is the same with or without FSDP
+        tensors.update({f"model.{k}.{n}": _full(t) for n, t in m.state_dict().items()})
     for k, e in emas.items():
-        tensors.update({n: t for n, t in e.state_tensors(f"ema.{k}.").items()})
+        tensors.update({n: _full(t) for n, t in e.state_tensors(f"ema.{k}.").items()})
     optim_meta = {}
     for name, o in opts.items():
         t, m = optimizer_tensors(o, name)
-        tensors.update({n: v for n, v in t.items()})
+        tensors.update({n: _full(v) for n, v in t.items()})
         optim_meta[name] = m
     rt, rmeta = rng_tensors()
     tensors.update(rt)

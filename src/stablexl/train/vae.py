@@ -74,7 +74,7 @@ class VAETask:
         self.vae, self.data, self.opt, self.grad_accum = vae, data, options, grad_accum
         self.disc = NLayerDiscriminator(vae.config.in_channels, options.disc_ndf)
         self.perceptual = make_perceptual(options.perceptual, options.lpips_vgg, options.lpips_lin)
-        self.logvar = nn.Parameter(torch.zeros(()))
+        self.logvar = nn.Parameter(torch.zeros(1))  # (1,), not a scalar: FSDP cannot shard 0-d parameters
         self.vae.logvar = self.logvar  # trained with the autoencoder; not part of the saved VAE
         vae.requires_grad_(True)
 
