@@ -234,6 +234,9 @@ def _add_train(sub) -> None:
         g.add_argument("--max-zoom", type=float, default=1.0, help="random extra zoom before cropping (1 = none)")
         g.add_argument("--center-crop", action="store_true", help="centre crops instead of random ones")
         g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+        g.add_argument("--min-original-size", type=int, default=0,
+                       help="drop images whose original area (before any upscaling) is below this squared, the "
+                            "SDXL paper's discard-small-images baseline (0: keep all)")
         g = a.add_argument_group(task)
         g.add_argument("--model", default="mini", help="preset architecture (random init) or checkpoint to start from"
                        if task == "unet" else "preset whose architecture to train")

@@ -51,9 +51,17 @@ def make_data(a: argparse.Namespace, square: int | None = None) -> TrainData:
     report = scan_dataset(a.data)
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s)")
+    records = report.records
+    if a.min_original_size:  # the SDXL paper's Table 2 baseline: discard low-resolution images (there: < 256 px)
+        # by area, so that a wide native canvas (e.g. 40x96) is not mistaken for a small image
+        n = a.min_original_size
+        records = [r for r in records if (lambda h, w: h * w)(*(r.original_size or r.size)) >= n * n]
+        print(f"--min-original-size {a.min_original_size}: kept {len(records)} of {len(report.records)} images")
+        if not records:
+            raise ValueError(f"--min-original-size {a.min_original_size} leaves no images; lower it")
     buckets = [(square, square)] if square else make_buckets(a.bucket_size, a.bucket_step, a.max_aspect)
     aug = Augment(flip_p=0.0 if a.no_flip else 0.5, max_zoom=a.max_zoom, random_crop=not a.center_crop)
-    return TrainData(report.records, buckets, a.batch_size, a.seed, aug)
+    return TrainData(records, buckets, a.batch_size, a.seed, aug)
 
 
 def _init(seed: int):
