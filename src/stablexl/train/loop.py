@@ -170,6 +170,8 @@ def _reshard(raw: dict[str, nn.Module]) -> None:
 
 
 def _is_sharded(t) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):  # single process: no import, no cost per step
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
