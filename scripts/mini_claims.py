@@ -51,12 +51,14 @@ def stats(x: torch.Tensor) -> tuple[float, float]:
 
 
 def size_claim(pipe, ref, names, prompts, out: Path) -> dict:
-    rows, cells = [], []
+    rows, cells, base = [], [], None
     for s in SIZES:
         imgs = gen(pipe, prompts, 1000, original_size=(s, s))
-        t = M.images_to_tensor(imgs)
+        sharp = M.sharpness(M.images_to_tensor(imgs))
+        base = sharp if base is None else base
         ident, _ = M.pixel_identity(imgs, names, *ref)
-        rows.append({"original_size": s, "sharpness": stats(M.sharpness(t)), "identity": ident})
+        # same seeds and prompts at every size: the paired difference to the smallest size has a small error
+        rows.append({"original_size": s, "sharpness": stats(sharp), "vs_smallest": stats(sharp - base), "identity": ident})
         cells.append(imgs[:8])
     image_grid([im for col in zip(*cells) for im in col], [f"orig {s}" for _ in range(8) for s in SIZES],
                cols=len(SIZES)).save(out / "size.png")
@@ -64,12 +66,13 @@ def size_claim(pipe, ref, names, prompts, out: Path) -> dict:
 
 
 def crop_claim(pipe, ref, names, prompts, out: Path) -> dict:
-    rows, cells = [], []
+    rows, cells, base = [], [], None
     for c in CROPS:
         imgs = gen(pipe, prompts, 2000, crop=(c, c))
-        t = M.images_to_tensor(imgs)
+        border = M.border_fraction(M.images_to_tensor(imgs), H.BORDER)
+        base = border if base is None else base
         ident, _ = M.pixel_identity(imgs, names, *ref)
-        rows.append({"crop": c, "border_fraction": stats(M.border_fraction(t, H.BORDER)), "identity": ident})
+        rows.append({"crop": c, "border_fraction": stats(border), "vs_zero": stats(border - base), "identity": ident})
         cells.append(imgs[:8])
     image_grid([im for col in zip(*cells) for im in col], [f"crop {c},{c}" for _ in range(8) for c in CROPS],
                cols=len(CROPS)).save(out / "crop.png")
@@ -128,6 +131,39 @@ def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: P
     return {"rows": rows}
 
 
+def markdown(results: dict) -> str:
+    """The docs tables of a claims.json."""
+    pm = lambda ms: f"{ms[0]:.3e} ± {ms[1]:.1e}"  # noqa: E731
+    pct = lambda ms: f"{100 * ms[0]:.1f} % ± {100 * ms[1]:.1f}"  # noqa: E731
+    out = []
+    if "size" in results:
+        out += ["| original size (px) | sharpness (mean Laplacian², ± s.e.) | paired change vs 16 px | pixel identity |",
+                "|---|---|---|---|"]
+        out += [f"| {r['original_size']} | {pm(r['sharpness'])} | {pm(r['vs_smallest'])} | {100 * r['identity']:.1f} % |"
+                for r in results["size"]["rows"]]
+        out.append("")
+    if "crop" in results:
+        out += ["| crop (top, left) | object pixels in the 2-px border (± s.e.) | paired change vs (0, 0) | pixel identity |",
+                "|---|---|---|---|"]
+        out += [f"| ({r['crop']}, {r['crop']}) | {pct(r['border_fraction'])} | {pct(r['vs_zero'])} | {100 * r['identity']:.1f} % |"
+                for r in results["crop"]["rows"]]
+        out.append("")
+    if "aspect" in results:
+        out += ["| size (W×H) | generated: object pixels in border | dataset compositions of that canvas (n) |",
+                "|---|---|---|"]
+        out += [f"| {r['width']}×{r['height']} | {pct(r['border_fraction'])} | "
+                f"{pct(r['real_compositions']) if r['real_compositions'] else '—'} ({r['real_n']}) |" for r in results["aspect"]["rows"]]
+        out.append("")
+    for part in ("cfg", "curve"):
+        if part in results:
+            key = "cfg" if part == "cfg" else "step"
+            out += [f"| {key} | FD-miniCLIP | miniCLIP score | retrieval top-1 | pixel identity |", "|---|---|---|---|---|"]
+            out += [f"| {r[key]} | {r['fd']:.4f} | {r['clip_score']:.2f} | {100 * r['top1']:.1f} % | {100 * r['identity']:.1f} % |"
+                    for r in results[part]["rows"]]
+            out.append("")
+    return "\n".join(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mini")
@@ -140,8 +176,12 @@ def main() -> int:
     p.add_argument("--states", default=None)
     p.add_argument("--vae", default=None)
     p.add_argument("--clip-file", default=None)
+    p.add_argument("--markdown", action="store_true", help="print OUT/claims.json as the docs tables and stop")
     a = p.parse_args()
     out, data = Path(a.out), Path(a.data)
+    if a.markdown:
+        print(markdown(json.loads((out / "claims.json").read_text())))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     res_path = out / "claims.json"
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
