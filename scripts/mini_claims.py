@@ -105,7 +105,8 @@ def cfg_claim(pipe, data: Path, clip, out: Path, n: int) -> dict:
         rows.append({"cfg": c, "fd": g["fd"]["FD-miniCLIP"], "clip_score": g["clip"]["miniCLIP"]["score"],
                      "top1": g["clip"]["miniCLIP"]["top1"], "identity": g["pixel_identity"]})
         print(f"cfg {c}: {rows[-1]}", file=sys.stderr)
-    plot_series({"FD-miniCLIP vs CLIP score (labels: cfg)": [(r["clip_score"], r["fd"]) for r in rows]},
+    label = "cfg " + " -> ".join(f"{c:g}" for c in CFGS) + " (in order along the line)"
+    plot_series({label: [(r["clip_score"], r["fd"]) for r in rows]},
                 out / "cfg.png", title="guidance sweep: FD-miniCLIP (y) against miniCLIP score (x)", xlabel="miniCLIP score")
     return {"rows": rows}
 

@@ -58,6 +58,8 @@ def mini_clip(parts=None, root: Path = ASSET_DIR) -> CLIPModel:
                                 "clip.safetensors from `stablexl train clip` instead")
     src = SafetensorsSource(path)
     info = json.loads(src.metadata.get(KEY, "{}"))
+    if info.get("kind") != "clip-vision":
+        raise CheckpointError(f"{path}: not a mini CLIP image-tower file (no clip-vision metadata); reinstall stablexl")
     model = CLIPModel.from_configs({"vision": info["config"]["vision"],
                                     "texts": [dataclass_dict(te.config) for te in parts.text_encoders]})
     sd = {k: src.get(k).float() for k in src.keys()}
