@@ -137,18 +137,16 @@ def markdown(results: dict) -> str:
     pm = lambda ms: f"{ms[0]:.3e} ± {ms[1]:.1e}"  # noqa: E731
     pct = lambda ms: f"{100 * ms[0]:.1f} % ± {100 * ms[1]:.1f}"  # noqa: E731
     out = []
-    if "size" in results:
-        out += ["| original size (px) | sharpness (mean Laplacian², ± s.e.) | paired change vs 16 px | pixel identity |",
-                "|---|---|---|---|"]
-        out += [f"| {r['original_size']} | {pm(r['sharpness'])} | {pm(r['vs_smallest'])} | {100 * r['identity']:.1f} % |"
-                for r in results["size"]["rows"]]
-        out.append("")
-    if "crop" in results:
-        out += ["| crop (top, left) | object pixels in the 2-px border (± s.e.) | paired change vs (0, 0) | pixel identity |",
-                "|---|---|---|---|"]
-        out += [f"| ({r['crop']}, {r['crop']}) | {pct(r['border_fraction'])} | {pct(r['vs_zero'])} | {100 * r['identity']:.1f} % |"
-                for r in results["crop"]["rows"]]
-        out.append("")
+    paired = (("size", "original size (px)", "sharpness (mean Laplacian², ± s.e.)", "paired change vs 16 px",
+               lambda r: str(r["original_size"]), "sharpness", "vs_smallest", pm),
+              ("crop", "crop (top, left)", "object pixels in the 2-px border (± s.e.)", "paired change vs (0, 0)",
+               lambda r: f"({r['crop']}, {r['crop']})", "border_fraction", "vs_zero", pct))
+    for part, h_key, h_val, h_diff, key, val, diff, fmt in paired:  # one setting per row, paired at fixed seeds
+        if part in results:
+            out += [f"| {h_key} | {h_val} | {h_diff} | pixel identity |", "|---|---|---|---|"]
+            out += [f"| {key(r)} | {fmt(r[val])} | {fmt(r[diff])} | {100 * r['identity']:.1f} % |"
+                    for r in results[part]["rows"]]
+            out.append("")
     if "aspect" in results:
         out += ["| size (W×H) | generated: object pixels in border | dataset compositions of that canvas (n) |",
                 "|---|---|---|"]

@@ -103,15 +103,32 @@ def test_unknown_layout(tmp_path):
         load_model(bad)
 
 
-def test_nan_weights_rejected(tiny_file, tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_weights_rejected(tiny_file, tmp_path, value):
     path, _ = tiny_file
 
     def edit(sd):
-        sd["first_stage_model.decoder.conv_out.bias"][0] = float("nan")
+        sd["first_stage_model.decoder.conv_out.bias"][0] = value
 
     bad = _rewrite(path, tmp_path / "nan.safetensors", edit, keep_metadata=True)
-    with pytest.raises(CheckpointError, match="NaN"):
+    with pytest.raises(CheckpointError, match="NaN or inf"):
         load_model(bad)
+
+
+def test_large_finite_weights_are_not_mistaken_for_inf():
+    """check_finite's fast path sums each tensor; a sum that overflows must fall back to the exact check."""
+    from torch import nn
+
+    from stablexl.io.checkpoint import check_finite
+
+    m = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(3e38)  # finite in fp32; the fp32 sum of 16 overflows, the float64 one does not
+    check_finite(m, "test")
+    h = nn.Linear(64, 64, bias=False).half()
+    with torch.no_grad():
+        h.weight.fill_(60000.0)  # fp16 max is 65504; a sum in fp16 would overflow
+    check_finite(h, "test")
 
 
 def test_pickle_refused_by_default_and_loaded_safely_on_opt_in(tiny_file, tmp_path):

@@ -14,6 +14,7 @@ that the text towers are the same weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -61,18 +62,12 @@ def mini_clip(parts=None, root: Path = ASSET_DIR) -> CLIPModel:
     if info.get("kind") != "clip-vision":
         raise CheckpointError(f"{path}: not a mini CLIP image-tower file (no clip-vision metadata); reinstall stablexl")
     model = CLIPModel.from_configs({"vision": info["config"]["vision"],
-                                    "texts": [dataclass_dict(te.config) for te in parts.text_encoders]})
+                                    "texts": [dataclasses.asdict(te.config) for te in parts.text_encoders]})
     sd = {k: src.get(k).float() for k in src.keys()}
     for i, te in enumerate(parts.text_encoders):
         sd.update({f"texts.{i}.{k}": v.float() for k, v in te.state_dict().items()})
     model.load_state_dict(sd, strict=True)
     return model.eval().requires_grad_(False)
-
-
-def dataclass_dict(cfg) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def ship(model_path: str | Path, clip_path: str | Path, out: Path = ASSET_DIR, dtype=torch.float16) -> dict:
@@ -93,7 +88,7 @@ def ship(model_path: str | Path, clip_path: str | Path, out: Path = ASSET_DIR, d
     tensors = {f"vision.{k}": v.to(dtype) for k, v in clip.vision.state_dict().items()}
     tensors["logit_scale"] = clip.logit_scale.detach().float()
     atomic_save_safetensors(tensors, out / VISION_FILE,
-                            {KEY: json.dumps({"kind": "clip-vision", "config": {"vision": dataclass_dict(clip.vision.config)}})})
+                            {KEY: json.dumps({"kind": "clip-vision", "config": {"vision": dataclasses.asdict(clip.vision.config)}})})
     return {f: ((out / f).stat().st_size, hashlib.sha256((out / f).read_bytes()).hexdigest())
             for f in (MODEL_FILE, VISION_FILE)}
 

@@ -322,7 +322,8 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
                 o.step()
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
-            _reshard(raw)  # e.g. the VAE's no-grad forward in a discriminator step
+            if sharded:
+                _reshard(raw)  # e.g. the VAE's no-grad forward in a discriminator step
             for k, e in emas.items():
                 e.update(raw[k])
             steps_since += 1
@@ -424,7 +425,8 @@ def _samples(task: Task, ctx: Context, emas, raw, out: Path, step: int, sharded:
         finally:
             for m in raw.values():
                 m.train()
-            _reshard(raw)
+            if sharded:
+                _reshard(raw)
     if grid is not None and ctx.rank == 0:
         (out / "samples").mkdir(exist_ok=True)
         grid.save(out / "samples" / f"step-{step:07d}.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ def make_data(a: argparse.Namespace, square: int | None = None) -> TrainData:
     if a.min_original_size:  # the SDXL paper's Table 2 baseline: discard low-resolution images (there: < 256 px)
         # by area, so that a wide native canvas (e.g. 40x96) is not mistaken for a small image
         n = a.min_original_size
-        records = [r for r in records if (lambda h, w: h * w)(*(r.original_size or r.size)) >= n * n]
+        records = [r for r in records if math.prod(r.original_size or r.size) >= n * n]
         print(f"--min-original-size {a.min_original_size}: kept {len(records)} of {len(report.records)} images")
         if not records:
             raise ValueError(f"--min-original-size {a.min_original_size} leaves no images; lower it")
