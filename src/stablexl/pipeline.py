@@ -359,7 +359,8 @@ class Pipeline:
         if mask_t is not None and cfg_model.unet.in_channels == 4:
             step_fn = _blend_known_region(F.interpolate(mask_t, size=(height // f, width // f)), image_latents,
                                           first_noise, sigmas, callback)
-        x = denoise(model, x, sigmas, sampler_name, noise, step_fn)
+        with unet.reusing_context():
+            x = denoise(model, x, sigmas, sampler_name, noise, step_fn)
         if not torch.isfinite(x).all():
             raise FloatingPointError("sampling produced NaN/inf latents; try fp32 weights, fewer CFG or another sampler")
         settings = {

@@ -471,3 +471,39 @@ def test_normalisation_facts(tok):
     assert unicodedata.normalize("NFC", "cafe\u0301") == "café"
     # U+001C..U+001F are not whitespace for the reference
     assert tok.encode("a\x1cb") != tok.encode("a b")
+
+
+# --------------------------------------------------------------------------
+# the ASCII fast path (stdlib `re`) against the Unicode patterns (`regex`)
+# --------------------------------------------------------------------------
+def _ascii_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = [chr(c) for c in range(128)]
+    pieces = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "<|startoftext|>", "<|endoftext|>", "<|EndOfText|>",
+              "  ", "\t", "\r\n", "\x0b\x0c", "\x1c\x1d\x1e\x1f", "123", "a1b2", "(word:1.2)", "!!!", "BREAK"]
+    return ["".join(rng.choice(pieces) if rng.random() < 0.3 else rng.choice(alphabet)
+                    for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+def test_ascii_fast_path_splits_exactly_as_the_unicode_patterns():
+    from stablexl.models import tokenizer as T
+
+    u = T._unicode_patterns()
+    for text in _ascii_texts(3000):
+        slow = T._lower(u.ws_run.sub(" ", T._nfc(text)))
+        assert T._normalize(text) == slow, repr(text)
+        assert T._pre_split(slow) == u.pre_split.findall(slow), repr(text)
+
+
+def test_ascii_prompts_do_not_import_regex():
+    import subprocess
+    import sys
+
+    code = ("import sys; from stablexl.models.tokenizer import default_tokenizer; "
+            "ids = default_tokenizer()(['a (red:1.2) apple, 3 cats!\\tBREAK <|endoftext|>'], pad_id=0); "
+            "print('regex' in sys.modules, int(ids[0, 1]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"
+    code_u = code.replace("apple", "\\u00e9clair")
+    out_u = subprocess.run([sys.executable, "-c", code_u], capture_output=True, text=True, check=True).stdout.split()
+    assert out_u[0] == "True"  # non-ASCII text takes the Unicode patterns

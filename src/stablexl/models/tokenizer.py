@@ -18,7 +18,7 @@ Pipeline of the reference, reproduced step by step below:
    not "ς" as Python's ``str.lower`` would give).  No ftfy, no HTML
    unescaping, no strip step.  The Unicode versions of the reference's
    tables differ from Python's; see "Unicode-version alignment" below.
-3. Pre-split with the CLIP regex (``_PRE_SPLIT``, case-sensitive; whitespace
+3. Pre-split with the CLIP regex (``_unicode_patterns``, case-sensitive; whitespace
    between matches is dropped).  A piece equal to a special literal can only
    appear here after lower-casing (e.g. ``<|EndOfText|>``); the reference then
    re-splits it with GPT-2's byte-level regex into ``<|``, letters, ``|>``.
@@ -41,10 +41,11 @@ import gzip
 import importlib.resources
 import numbers
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
+from types import SimpleNamespace
 
-import regex
 import torch
 
 __all__ = ["CLIPTokenizer", "default_tokenizer"]
@@ -131,20 +132,40 @@ _WS = (
     "\\t\\n\\x0b\\x0c\\r\\x20\\x85\\xa0\\u1680\\u2000-\\u200a"
     "\\u2028\\u2029\\u202f\\u205f\\u3000"
 )
-_WS_RUN = regex.compile(f"[{_WS}]+")
-_NFC_INERT_SPLIT = regex.compile(f"({_char_class(_NFC_INERT_RANGES)})")
-_U17 = _char_class(_UNICODE17_LN_RANGES)
 
-# CLIP pre-split pattern (OpenAI CLIP ``simple_tokenizer.py``; same string in
-# transformers), with \s / \p{L} / \p{N} narrowed as explained above (V1
-# syntax for set difference).  No IGNORECASE: the reference matches it
-# case-sensitively on lower-cased text, which matters for e.g. "'ſ" (long s),
-# that IGNORECASE would take as the contraction "'s".
-_PRE_SPLIT = regex.compile(
+
+@functools.cache
+def _unicode_patterns() -> SimpleNamespace:
+    """The patterns for text with non-ASCII characters. They need the `regex` package (Unicode
+    properties, set difference), whose import and compilation take ~0.2 s: done on first use only."""
+    import regex
+
+    u17 = _char_class(_UNICODE17_LN_RANGES)
+    return SimpleNamespace(
+        ws_run=regex.compile(f"[{_WS}]+"),
+        nfc_inert_split=regex.compile(f"({_char_class(_NFC_INERT_RANGES)})"),
+        # CLIP pre-split pattern (OpenAI CLIP ``simple_tokenizer.py``; same string in transformers), with
+        # \s / \p{L} / \p{N} narrowed as explained above (V1 syntax for set difference).  No IGNORECASE:
+        # the reference matches it case-sensitively on lower-cased text, which matters for e.g. "'ſ"
+        # (long s), that IGNORECASE would take as the contraction "'s".
+        pre_split=regex.compile(
+            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+            rf"|[\p{{L}}--{u17}]+|[\p{{N}}--{u17}]|[[^{_WS}\p{{L}}\p{{N}}]{u17}]+",
+            flags=regex.V1,
+        ),
+    )
+
+
+# The same two patterns restricted to ASCII text, where they need no Unicode tables: the ASCII
+# whitespace of ``_WS``, \p{L} = [A-Za-z], \p{N} = [0-9]. Equality with the patterns above on ASCII
+# text is tested (tests/models/test_tokenizer.py).
+_ASCII_WS = "\t\n\x0b\x0c\r "
+_ASCII_WS_RUN = re.compile(f"[{_ASCII_WS}]+")
+_ASCII_PRE_SPLIT = re.compile(
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-    rf"|[\p{{L}}--{_U17}]+|[\p{{N}}--{_U17}]|[[^{_WS}\p{{L}}\p{{N}}]{_U17}]+",
-    flags=regex.V1,
+    rf"|[A-Za-z]+|[0-9]|[^{_ASCII_WS}A-Za-z0-9]+"
 )
+
 # What GPT-2's byte-level split (the reference's ``ByteLevel`` pre-tokenizer,
 # ``use_regex=True``) does to a lower-cased special literal: "<|", word, "|>".
 # On every other piece it is a no-op.
@@ -183,7 +204,7 @@ def _nfc(text: str) -> str:
     """NFC as the reference computes it (Unicode 9.0 data, see (a) above)."""
     if text.isascii():
         return text
-    parts = _NFC_INERT_SPLIT.split(text)
+    parts = _unicode_patterns().nfc_inert_split.split(text)
     if len(parts) == 1:
         return unicodedata.normalize("NFC", text)
     # An inert starter blocks reordering and composition across it, so NFC
@@ -206,7 +227,15 @@ def _lower(text: str) -> str:
 def _normalize(text: str) -> str:
     # Order of the reference's normalizer sequence: NFC, whitespace, lower.
     # There is no strip step; leading / trailing spaces vanish at pre-split.
-    return _lower(_WS_RUN.sub(" ", _nfc(text)))
+    if text.isascii():
+        return _ASCII_WS_RUN.sub(" ", text).lower()
+    return _lower(_unicode_patterns().ws_run.sub(" ", _nfc(text)))
+
+
+def _pre_split(normalized: str) -> list[str]:
+    """Step 3: the pieces of a normalised segment."""
+    pattern = _ASCII_PRE_SPLIT if normalized.isascii() else _unicode_patterns().pre_split
+    return pattern.findall(normalized)
 
 
 def _read_merge_lines(path: str | os.PathLike | None) -> list[str]:
@@ -239,15 +268,13 @@ class CLIPTokenizer:
     def __init__(self, vocab_path: str | os.PathLike | None = None):
         lines = _read_merge_lines(vocab_path)
         merge_lines = lines[1 : 1 + _NUM_MERGES]  # line 0 is a version header
-        merges: list[tuple[str, str]] = []
-        for line in merge_lines:
-            parts = line.split(" ")
-            if len(parts) != 2:
+        merges = [tuple(line.split(" ")) for line in merge_lines]
+        for line, m in zip(merge_lines, merges):
+            if len(m) != 2:
                 raise ValueError(
                     f"{vocab_path or _ASSET_NAME!s}: malformed merge line {line!r}; expected "
                     f"a CLIP 'bpe_simple_vocab_16e6.txt(.gz)' file with {_NUM_MERGES} merges"
                 )
-            merges.append((parts[0], parts[1]))
         if len(merges) != _NUM_MERGES:
             raise ValueError(
                 f"{vocab_path or _ASSET_NAME!s}: found {len(merges)} merges, need {_NUM_MERGES}; "
@@ -264,15 +291,15 @@ class CLIPTokenizer:
         assert len(tokens) == _VOCAB_SIZE
 
         self._id_to_token: list[str] = tokens
-        self._token_to_id: dict[str, int] = {t: i for i, t in enumerate(tokens)}
+        self._token_to_id: dict[str, int] = dict(zip(tokens, range(len(tokens))))
         if len(self._token_to_id) != len(tokens):
             raise ValueError(f"{vocab_path or _ASSET_NAME!s}: duplicate vocabulary entries")
-        self._ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
+        self._ranks: dict[tuple[str, str], int] = dict(zip(merges, range(len(merges))))
         self._byte_to_char: list[str] = byte_chars
         self._char_to_byte: dict[str, int] = {c: b for b, c in enumerate(byte_chars)}
         self._bpe_cache: dict[str, tuple[int, ...]] = {}
         # Literal splitters for the raw text, keyed by the extra pad literal.
-        self._literal_splitters: dict[str | None, regex.Pattern] = {}
+        self._literal_splitters: dict[str | None, re.Pattern] = {}
 
     # ------------------------------------------------------------------ basics
     def vocab_and_merges(self) -> tuple[dict[str, int], list[str]]:
@@ -342,7 +369,7 @@ class CLIPTokenizer:
 
     def _encode_segment(self, segment: str, out: list[int]) -> None:
         """Append the ids of a text segment free of special literals."""
-        for piece in _PRE_SPLIT.findall(_normalize(segment)):
+        for piece in _pre_split(_normalize(segment)):
             resplit = _SPECIAL_RESPLIT.get(piece)
             if resplit is None:
                 out.extend(self._bpe(piece))
@@ -360,7 +387,7 @@ class CLIPTokenizer:
             return None
         return self._id_to_token[pad_id]
 
-    def _literal_splitter(self, pad_literal: str | None) -> regex.Pattern:
+    def _literal_splitter(self, pad_literal: str | None) -> re.Pattern:
         splitter = self._literal_splitters.get(pad_literal)
         if splitter is None:
             literals = {_BOS_TOKEN: self.BOS, _EOS_TOKEN: self.EOS}
@@ -370,7 +397,7 @@ class CLIPTokenizer:
             # at the same position (the reference uses leftmost-longest
             # Aho-Corasick).
             alternatives = sorted(literals, key=len, reverse=True)
-            splitter = regex.compile("(" + "|".join(regex.escape(a) for a in alternatives) + ")")
+            splitter = re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")")
             self._literal_splitters[pad_literal] = splitter
         return splitter
 
