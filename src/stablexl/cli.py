@@ -249,6 +249,9 @@ def _add_train(sub) -> None:
             g.add_argument("--dropout-size", type=float, default=0.1, help="P(zero the original-size embedding)")
             g.add_argument("--dropout-crop", type=float, default=0.1, help="P(zero the crop embedding)")
             g.add_argument("--dropout-target", type=float, default=0.0, help="P(zero the target-size embedding)")
+            g.add_argument("--no-size-conditioning", action="store_true",
+                           help="give every image's original size as its target size (the SDXL paper's no-size-"
+                                "conditioning baseline; inference's default original size then matches)")
             g.add_argument("--offset-noise", type=float, default=0.0, help="offset noise level (SDXL stage 3: 0.05)")
             g.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-γ loss weighting (5 is common); 0 = off")
             g.add_argument("--cache-latents", action="store_true", help="encode each image once (fixed crop/flip)")

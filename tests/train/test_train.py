@@ -182,7 +182,7 @@ def test_dropout_rates_and_what_is_zeroed():
     from stablexl.config import PRESETS
     from stablexl.models.parts import build_parts
     from stablexl.train.data import Record, TrainData
-    from stablexl.train.unet import UNetTask, dropout_keep
+    from stablexl.train.unet import UNetTask, UNetTrainOptions, dropout_keep
 
     g = torch.Generator().manual_seed(0)
     keep = dropout_keep(g, 20000, (0.1, 0.2, 0.0, 0.5))
@@ -193,7 +193,7 @@ def test_dropout_rates_and_what_is_zeroed():
 
     parts = build_parts(PRESETS["tiny-sdxl"], device="cpu")
     task = UNetTask.__new__(UNetTask)
-    task.parts, task.opt, task._text = parts, type("O", (), {"cache_text": False})(), {}
+    task.parts, task.opt, task._text = parts, UNetTrainOptions(cache_text=False), {}
     from stablexl.models.tokenizer import default_tokenizer
 
     task.tokenizer = default_tokenizer()
@@ -206,6 +206,16 @@ def test_dropout_rates_and_what_is_zeroed():
     assert c.vector[0, :P].abs().sum() == 0 and c.vector[1, :P].abs().sum() > 0
     assert c.vector[1, P:P + 512].abs().sum() == 0 and c.vector[0, P:P + 512].abs().sum() > 0
     assert c.vector[1, P + 1024:].abs().sum() == 0 and c.vector[1, P + 512:P + 1024].abs().sum() > 0
+
+    # --no-size-conditioning: the original-size slot carries the target size, whatever the record says
+    small, target = torch.tensor([[16.0, 16.0], [24.0, 40.0]]), torch.tensor([[64.0, 64.0], [56.0, 72.0]])
+    ones = torch.ones(2, 4)
+    with_size = task.conditioning(["a cat", "a dog"], small, torch.zeros(2, 2), target, ones).vector
+    task.opt = UNetTrainOptions(cache_text=False, size_conditioning=False)
+    without = task.conditioning(["a cat", "a dog"], small, torch.zeros(2, 2), target, ones).vector
+    assert torch.equal(without[:, P:P + 512], without[:, P + 1024:])  # original slot == target slot
+    assert not torch.equal(with_size[:, P:P + 512], without[:, P:P + 512])
+    assert torch.equal(with_size[:, P + 512:], without[:, P + 512:]) and torch.equal(with_size[:, :P], without[:, :P])
 
 
 def test_lpips_loads_local_weights_and_the_substitute_is_named(tmp_path):

@@ -102,7 +102,8 @@ def build_task(a: argparse.Namespace):
     parts = _unet_parts(a)
     opts = UNetTrainOptions(
         prediction=a.prediction, dropout_text=a.dropout_text, dropout_original_size=a.dropout_size,
-        dropout_crop=a.dropout_crop, dropout_target_size=a.dropout_target, offset_noise=a.offset_noise,
+        dropout_crop=a.dropout_crop, dropout_target_size=a.dropout_target,
+        size_conditioning=not a.no_size_conditioning, offset_noise=a.offset_noise,
         min_snr_gamma=a.min_snr_gamma, cache_latents=a.cache_latents, cache_text=not a.no_cache_text,
         sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps,
         gradient_checkpointing=a.gradient_checkpointing)

@@ -35,6 +35,9 @@ class UNetTrainOptions:
     dropout_original_size: float = 0.1
     dropout_crop: float = 0.1
     dropout_target_size: float = 0.0
+    # False: every sample's original size is given as its target size, so the condition carries nothing
+    # and matches what inference passes by default (the SDXL paper's Table 2 "CIN-nocond" model)
+    size_conditioning: bool = True
     offset_noise: float = 0.0
     min_snr_gamma: float = 0.0  # 0: off
     cache_latents: bool = False  # encode each image once (its crop and flip then stay fixed, as in kohya)
@@ -125,6 +128,8 @@ class UNetTask:
         if self.parts.config.family != "sdxl-base":
             return Conditioning(context)
         parts = [pooled * keep[:, :1]]
+        if not self.opt.size_conditioning:
+            original_size = target
         for j, v in enumerate((original_size, crop, target), start=1):
             parts.append(micro_embedding(v) * keep[:, j:j + 1])  # (B, 2·256) each
         return Conditioning(context, torch.cat(parts, dim=1))
