@@ -9,6 +9,8 @@
   aspect  the training canvases' aspect ratios: the same border share, generated vs the dataset's images
   cfg     a guidance sweep scored by `stablexl eval`: FD-miniCLIP against CLIP score (Fig. 12's trade-off)
   curve   `stablexl eval` identity / retrieval / FD at every kept training state of a UNet run
+  table2  the same numbers for named training states (`--runs NAME=STATE ...`): the paper's Table 2 runs
+          (only large images / no size conditioning / size conditioning) at one step budget
 
 Writes OUT/claims.json, OUT/*.png grids and plots, and prints markdown tables.
 """
@@ -111,24 +113,40 @@ def cfg_claim(pipe, data: Path, clip, out: Path, n: int) -> dict:
     return {"rows": rows}
 
 
-def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: Path, n: int) -> dict:
+def eval_state(state: Path, vae: str, clip_file: str, data: Path, clip, out: Path, n: int) -> dict:
+    """`stablexl eval` (200 names, the shipped defaults) of a UNet run's state: its EMA weights."""
     from stablexl.mini.weights import model_from_state
 
+    tmp = out / f"_model-{state.stem}.safetensors"
+    model_from_state(state, vae, clip_file, tmp)
+    try:
+        g = H.evaluate(str(tmp), data, clip, n_prompts=n, cfg=5.0, **SAMPLE)["generated"]
+    finally:
+        tmp.unlink()
+    return {"identity": g["pixel_identity"], "fd": g["fd"]["FD-miniCLIP"], "top1": g["clip"]["miniCLIP"]["top1"],
+            "clip_score": g["clip"]["miniCLIP"]["score"], "sharpness": g.get("sharpness")}
+
+
+def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: Path, n: int) -> dict:
     rows = []
     for st in sorted(states.glob("state-*.safetensors")):
-        step = int(st.stem.split("-")[1])
-        tmp = out / f"_model-{step}.safetensors"
-        model_from_state(st, vae, clip_file, tmp)
-        r = H.evaluate(str(tmp), data, clip, n_prompts=n, cfg=5.0, **SAMPLE)
-        tmp.unlink()
-        g = r["generated"]
-        rows.append({"step": step, "identity": g["pixel_identity"], "fd": g["fd"]["FD-miniCLIP"],
-                     "top1": g["clip"]["miniCLIP"]["top1"], "clip_score": g["clip"]["miniCLIP"]["score"]})
-        print(f"step {step}: {rows[-1]}", file=sys.stderr)
+        rows.append({"step": int(st.stem.split("-")[1]), **eval_state(st, vae, clip_file, data, clip, out, n)})
+        print(f"step {rows[-1]['step']}: {rows[-1]}", file=sys.stderr)
     if rows:
         plot_series({"pixel identity": [(r["step"], r["identity"]) for r in rows],
                      "retrieval top-1 (miniCLIP)": [(r["step"], r["top1"]) for r in rows]},
                     out / "curve.png", title="mini UNet: identity accuracy over training (EMA weights)")
+    return {"rows": rows}
+
+
+def table2_claim(runs: list[str], vae: str, clip_file: str, data: Path, clip, out: Path, n: int) -> dict:
+    rows = []
+    for spec in runs:
+        name, _, state = spec.partition("=")
+        if not state:
+            raise SystemExit(f"--runs {spec!r}: expected NAME=STATE_FILE")
+        rows.append({"run": name, "state": state, **eval_state(Path(state), vae, clip_file, data, clip, out, n)})
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
     return {"rows": rows}
 
 
@@ -153,12 +171,14 @@ def markdown(results: dict) -> str:
         out += [f"| {r['width']}×{r['height']} | {pct(r['border_fraction'])} | "
                 f"{pct(r['real_compositions']) if r['real_compositions'] else '—'} ({r['real_n']}) |" for r in results["aspect"]["rows"]]
         out.append("")
-    for part in ("cfg", "curve"):
+    for part in ("cfg", "curve", "table2"):
         if part in results:
-            key = "cfg" if part == "cfg" else "step"
-            out += [f"| {key} | FD-miniCLIP | miniCLIP score | retrieval top-1 | pixel identity |", "|---|---|---|---|---|"]
+            key = {"cfg": "cfg", "curve": "step", "table2": "run"}[part]
+            sharp = part == "table2"  # whether to show the sharpness column
+            out += [f"| {key} | FD-miniCLIP | miniCLIP score | retrieval top-1 | pixel identity |"
+                    + (" sharpness |" if sharp else ""), "|---|---|---|---|---|" + ("---|" if sharp else "")]
             out += [f"| {r[key]} | {r['fd']:.4f} | {r['clip_score']:.2f} | {100 * r['top1']:.1f} % | {100 * r['identity']:.1f} % |"
-                    for r in results[part]["rows"]]
+                    + (f" {r['sharpness']:.4f} |" if sharp else "") for r in results[part]["rows"]]
             out.append("")
     return "\n".join(out)
 
@@ -175,6 +195,7 @@ def main() -> int:
     p.add_argument("--states", default=None)
     p.add_argument("--vae", default=None)
     p.add_argument("--clip-file", default=None)
+    p.add_argument("--runs", nargs="+", default=[], help="table2: NAME=STATE_FILE of each run")
     p.add_argument("--markdown", action="store_true", help="print OUT/claims.json as the docs tables and stop")
     a = p.parse_args()
     out, data = Path(a.out), Path(a.data)
@@ -189,7 +210,7 @@ def main() -> int:
     prompts = [H.emoji_prompt(n, "twemoji") for n in names]
     ref_names = sorted(ref_.images)
     ref = ([H._open(ref_.images[n]) for n in ref_names], ref_names, H.PIXEL_SIZE)
-    pipe = Pipeline.from_pretrained(a.model) if "curve" != a.parts[0] or len(a.parts) > 1 else None
+    pipe = Pipeline.from_pretrained(a.model) if set(a.parts) - {"curve", "table2"} else None
     for part in a.parts:
         t0 = time.perf_counter()
         if part == "size":
@@ -202,10 +223,12 @@ def main() -> int:
             results[part] = cfg_claim(pipe, data, a.clip, out, a.eval_prompts)
         elif part == "curve":
             results[part] = curve_claim(Path(a.states), a.vae, a.clip_file, data, a.clip, out, a.eval_prompts)
+        elif part == "table2":
+            results[part] = table2_claim(a.runs, a.vae, a.clip_file, data, a.clip, out, a.eval_prompts)
         else:
             p.error(f"unknown part {part!r}")
         results[part]["seconds"] = round(time.perf_counter() - t0, 1)
-        results[part]["prompts"] = a.eval_prompts if part in ("cfg", "curve") else a.prompts
+        results[part]["prompts"] = a.eval_prompts if part in ("cfg", "curve", "table2") else a.prompts
         res_path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"## {part}\n" + "\n".join(json.dumps(r) for r in results[part]["rows"]))
     return 0
