@@ -27,6 +27,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, *, causal: bool = Fal
     return out.transpose(1, 2).reshape(b, n, inner).to(dtype)  # (B, N, h*d)
 
 
+def attention_via_context(q: Tensor, context: Tensor, wk: Tensor, wv: Tensor, heads: int, *,
+                          upcast: bool = False) -> Tensor:
+    """Cross-attention with the key/value projections applied on the query side: (B, N, h*d) queries,
+    (B, M, C) context, (h*d, C) projection weights -> (B, N, h*d). The same function as
+    `attention(q, context @ wk.T, context @ wv.T, heads)`, by associativity:
+
+        q_h k_h^T = q_h (ctx wk_h^T)^T = (q_h wk_h) ctx^T        p_h v_h = p_h (ctx wv_h^T) = (p_h ctx) wv_h^T
+
+    Cost N*C*(h*d + h*M) per sample instead of M*h*d*(C + N): cheaper when the image tokens are fewer
+    than the context tokens (see `via_context_is_cheaper`), as in the miniature's 4x4 and 2x2 levels.
+    """
+    b, n, inner = q.shape
+    d = inner // heads
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, context, wk, wv = q.float(), context.float(), wk.float(), wv.float()
+    c = context.shape[-1]
+    # batched as few large products: per head over all B*N queries, per sample over all h*N rows
+    qk = torch.bmm(q.reshape(b * n, heads, d).transpose(0, 1), wk.view(heads, d, c))  # (h, B*N, C): q_h wk_h
+    qk = qk.view(heads, b, n, c).permute(1, 0, 2, 3).reshape(b, heads * n, c)  # (B, h*N, C)
+    p = (torch.bmm(qk, context.transpose(1, 2)) * d**-0.5).softmax(dim=-1)  # (B, h*N, M)
+    pc = torch.bmm(p, context)  # (B, h*N, C): p_h ctx
+    pc = pc.view(b, heads, n, c).permute(1, 0, 2, 3).reshape(heads, b * n, c)  # (h, B*N, C)
+    out = torch.bmm(pc, wv.view(heads, d, c).transpose(1, 2))  # (h, B*N, d): (p_h ctx) wv_h^T
+    return out.view(heads, b, n, d).permute(1, 2, 0, 3).reshape(b, n, inner).to(dtype)  # (B, N, h*d)
+
+
+def via_context_is_cheaper(n: int, m: int, inner: int, context_dim: int, heads: int) -> bool:
+    """Multiply-adds of `attention_via_context` vs projecting the context first, for N queries, M keys."""
+    return n * context_dim * (inner + heads * m) < m * inner * (context_dim + n)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding [cos | sin] of a (B,) tensor -> (B, dim), in float32.
 

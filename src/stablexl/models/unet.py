@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import UNetConfig
-from .layers import Downsample, MLPEmbedding, ResBlock, Upsample, attention, timestep_embedding
+from .layers import (
+    Downsample,
+    MLPEmbedding,
+    ResBlock,
+    Upsample,
+    attention,
+    attention_via_context,
+    timestep_embedding,
+    via_context_is_cheaper,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Attention and the transformer blocks
@@ -39,11 +48,15 @@ class Attention(nn.Module):
         self._reused: tuple | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        if context is None:
-            k, v = self.to_k(x), self.to_v(x)  # self-attention: (B, N, inner) each
+        q = self.to_q(x)  # (B, N, inner)
+        if context is None:  # self-attention
+            out = attention(q, self.to_k(x), self.to_v(x), self.heads, upcast=self.upcast)
+        elif self._reused is None and via_context_is_cheaper(x.shape[1], context.shape[1], q.shape[-1],
+                                                             context.shape[-1], self.heads):
+            out = attention_via_context(q, context, self.to_k.weight, self.to_v.weight, self.heads, upcast=self.upcast)
         else:
             k, v = self._context_kv(context)  # (B, M, inner) each
-        out = attention(self.to_q(x), k, v, self.heads, upcast=self.upcast)  # (B, N, inner)
+            out = attention(q, k, v, self.heads, upcast=self.upcast)  # (B, N, inner)
         return self.to_out[0](out)  # (B, N, dim)
 
     def _context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
