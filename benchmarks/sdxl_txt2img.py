@@ -24,8 +24,8 @@ from _bench import run_child
 OURS = r"""
 import resource, sys, time, torch
 from stablexl.pipeline import Pipeline
-root, size, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-pipe = Pipeline.from_pretrained(root)
+root, size, steps, memory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+pipe = Pipeline.from_pretrained(root, memory=memory)
 marks = []
 t0 = time.perf_counter()
 pipe("a lighthouse at dusk", "blurry", steps=steps, cfg=5.0, seed=1, width=size, height=size, sampler="euler",
@@ -86,14 +86,17 @@ def main() -> None:
     ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "stablexl_bench_sdxl_diffusers"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--memory", choices=["keep", "low"], default="low",
+                    help="our memory policy: low = file-backed weights leave RAM after each use (stablexl/memory.py)")
     args = ap.parse_args()
     root = Path(args.folder)
     if not (root / "unet" / "config.json").exists() or not list((root / "unet").glob("*.safetensors*")):
         write_folder(root)
-    print(f"SDXL base fp32, random weights ({root}); Euler, CFG 5, {args.steps} steps; torch threads = cores")
+    print(f"SDXL base fp32, random weights ({root}); Euler, CFG 5, {args.steps} steps; torch threads = cores; "
+          f"our memory policy: {args.memory}")
     print(f"{'size':>5s} {'impl':10s} {'s/step (median)':>16s} {'total s':>9s} {'peak RSS MB':>12s}")
     for size in args.sizes:
-        res = {"stablexl": run_child(OURS, str(root), str(size), str(args.steps)),
+        res = {"stablexl": run_child(OURS, str(root), str(size), str(args.steps), args.memory),
                "diffusers": run_child(DIFFUSERS, str(root), str(size), str(args.steps))}
         for name, r in res.items():
             print(f"{size:5d} {name:10s} {statistics.median(r['step_s']):16.2f} {r['total_s']:9.1f} {r['peak_rss_mb']:12.0f}")

@@ -55,7 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--mask needs --init-image (the picture to inpaint)")
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype)
+    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, memory=args.memory)
     for note in pipe.parts.notes:
         print(note)
     kwargs = dict(
@@ -72,7 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.init_image:
         kwargs.update(init_image=args.init_image, strength=args.strength, mask=args.mask, mask_blur=args.mask_blur)
     if args.refiner:
-        refiner = Pipeline.from_pretrained(args.refiner, dtype=args.dtype)
+        refiner = Pipeline.from_pretrained(args.refiner, dtype=args.dtype, memory=args.memory)
         result = pipe.refine(refiner, args.prompt, args.negative_prompt, switch_at=args.switch_at,
                              aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                              **kwargs)
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-tile", type=int, default=None,
                    help="decode in overlapping tiles of this many latents (64 = 512 px) to bound memory on large images")
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
+    g.add_argument("--memory", choices=["keep", "low"], default="keep",
+                   help="low: file-backed weights leave RAM after each use (one component resident at a time)")
     g.add_argument("--output", default="output.png", help="PNG path; with --batch N, -0 -1 ... are appended")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)

@@ -24,6 +24,7 @@ from .diffusion.denoiser import Denoiser
 from .diffusion.guidance import guided
 from .diffusion.samplers import SAMPLERS, resolve_sampler
 from .diffusion.schedule import SPACINGS, NoiseSchedule, make_sigmas
+from .memory import MemoryPolicy, release
 from .models.conditioning import Conditioning, encode_text, refiner_vector, sdxl_vector, unclip_vector
 from .models.parts import ModelParts, build_parts
 from .models.tokenizer import CLIPTokenizer, default_tokenizer
@@ -107,7 +108,8 @@ def _defaults(config: ModelConfig) -> dict:
 
 
 class Pipeline:
-    def __init__(self, parts: ModelParts, tokenizer: CLIPTokenizer | None = None, name: str | None = None):
+    def __init__(self, parts: ModelParts, tokenizer: CLIPTokenizer | None = None, name: str | None = None,
+                 memory: MemoryPolicy | str | None = None):
         if parts.config.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "sd2-unclip"):
             raise ValueError(f"no pipeline for model family {parts.config.family!r}")
         self.parts = parts
@@ -119,13 +121,22 @@ class Pipeline:
         self.name = name or parts.config.name
         self.schedule = NoiseSchedule.ddpm(zero_terminal_snr=parts.config.zero_terminal_snr)
         self.defaults = _defaults(parts.config)
+        self.memory = MemoryPolicy.named(memory)
+        self._release(*parts.modules().values())  # the loader's NaN check touched every weight
+
+    def _release(self, *modules) -> None:
+        """Under a `release_after_use` policy, file-backed weights of these modules leave RAM until next used."""
+        if self.memory.release_after_use:
+            for m in modules:
+                release(m)
 
     @property
     def config(self) -> ModelConfig:
         return self.parts.config
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, **load_kwargs) -> "Pipeline":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                        memory: MemoryPolicy | str | None = None, **load_kwargs) -> "Pipeline":
         """A checkpoint path / diffusers folder / HF cache id, "mini" (the shipped miniature, trained on emoji
         art), or a `tiny-*` preset (random weights, for tests)."""
         from .io.models import load_model
@@ -148,9 +159,11 @@ class Pipeline:
                 from .io.checkpoint import parse_dtype
 
                 parts.to(parse_dtype(dtype))
-            return cls(parts, name=name)
-        parts = load_model(name_or_path, dtype=dtype, **load_kwargs)
-        return cls(parts, name=os.path.basename(os.path.normpath(name)))
+            return cls(parts, name=name, memory=memory)
+        policy = MemoryPolicy.named(memory)
+        parts = load_model(name_or_path, dtype=dtype, after_check=release if policy.release_after_use else None,
+                           **load_kwargs)
+        return cls(parts, name=os.path.basename(os.path.normpath(name)), memory=policy)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -322,6 +335,7 @@ class Pipeline:
             cond, uncond = self._image_conditioning(cond, uncond, image_prompt, noise_level, noise)
         elif image_prompt is not None:
             raise ValueError(f"image_prompt needs an unCLIP model; {self.name} is {cfg_model.family}")
+        self._release(*self.parts.text_encoders, self.parts.image_encoder)
         # DDIM's last step lands on ᾱ_0 (σ_min), not ᾱ = 1, in both CompVis DDIM and diffusers with the SD
         # scheduler configs (`set_alpha_to_one: false`); every other sampler ends at σ = 0.
         final = self.schedule.sigma_min if sampler_name == "ddim" else 0.0
@@ -359,8 +373,10 @@ class Pipeline:
         if mask_t is not None and cfg_model.unet.in_channels == 4:
             step_fn = _blend_known_region(F.interpolate(mask_t, size=(height // f, width // f)), image_latents,
                                           first_noise, sigmas, callback)
+        self._release(self.parts.vae)  # used above only if an init image was encoded
         with unet.reusing_context():
             x = denoise(model, x, sigmas, sampler_name, noise, step_fn)
+        self._release(unet)
         if not torch.isfinite(x).all():
             raise FloatingPointError("sampling produced NaN/inf latents; try fp32 weights, fewer CFG or another sampler")
         settings = {
@@ -377,6 +393,7 @@ class Pipeline:
         if output_type == "latent":
             return GenerationResult([], x, seeds, settings, notes, noise=noise)
         dec = decode_latents(self.parts.vae, x, tile=vae_tile)  # vae_tile: latent tile side, e.g. 64 = 512 px
+        self._release(self.parts.vae)
         if dec.upcast:
             notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
         images = dec.images

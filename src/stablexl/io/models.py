@@ -109,10 +109,11 @@ def _weights_file(folder: Path, stem: str, variant: str | None) -> list[Path]:
 def load_model(
     name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
     allow_pickle: bool = False, variant: str | None = None, prediction: str | None = None,
-    config: ModelConfig | None = None,
+    config: ModelConfig | None = None, after_check=None,
 ) -> ModelParts:
     """Load every network of a model, strictly, from our file, an official single file or a diffusers folder.
 
+    `after_check(module)` runs after each component's NaN check (the low-memory policy releases its pages there).
     `dtype` None keeps the stored dtype. `config` overrides detection for single files whose family
     cannot be told from the weights. `prediction` ("eps" / "v") overrides the detected parameterisation.
     """
@@ -127,9 +128,12 @@ def load_model(
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         parts.config = dataclasses.replace(parts.config, prediction=prediction)  # type: ignore[arg-type]
+    parts.eval()
     for name, module in parts.modules().items():
         check_finite(module, f"{path} ({name})")
-    return parts.eval()
+        if after_check is not None:  # e.g. memory.release: the check touched every page of this module
+            after_check(module)
+    return parts
 
 
 def _load_file(source: TensorSource, dtype, device, config: ModelConfig | None) -> ModelParts:

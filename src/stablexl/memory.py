@@ -1,0 +1,90 @@
+"""Memory policy: when a component's weights may leave RAM between uses.
+
+Our loader maps safetensors files zero-copy, so frozen weights are file-backed pages. Page-aligned spans of
+those tensors can be handed back to the kernel with madvise(MADV_DONTNEED): the next access faults the
+same bytes back in from the file (page cache). No copy is made and nothing is reloaded, and the values
+are unchanged (madvise(2): file mappings are "repopulated from the up-to-date contents of the underlying
+mapped file").
+- Only tensors that lie inside a file mapping are touched. Converted or computed weights (anonymous
+  memory) are kept, since DONTNEED would zero them.
+- Modules with trainable parameters are kept: written private pages would revert to the file's contents.
+With `release_after_use`, the pipeline releases the text encoders after encoding, the UNet after
+denoising and the VAE after decoding, so at most one component is resident at a time (SDXL fp32: the
+10.3 GB UNet instead of all 13.9 GB).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import mmap
+import os
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from torch import nn
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    release_after_use: bool = False
+
+    @staticmethod
+    def named(name: str | MemoryPolicy | None) -> MemoryPolicy:
+        if isinstance(name, MemoryPolicy):
+            return name
+        policies = {None: KEEP, "keep": KEEP, "low": LOW}
+        if name not in policies:
+            raise ValueError(f"unknown memory policy {name!r}; choose 'keep' (weights stay in RAM) or 'low' "
+                             "(file-backed weights leave RAM after each use)")
+        return policies[name]
+
+
+KEEP = MemoryPolicy(release_after_use=False)
+LOW = MemoryPolicy(release_after_use=True)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) of this process's mappings that are backed by a regular file."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/") and parts[4] != "0":
+                    a, b = parts[0].split("-")
+                    spans.append((int(a, 16), int(b, 16)))
+    except OSError:  # not Linux: nothing is released
+        return []
+    return sorted(spans)
+
+
+def release(module: nn.Module | None) -> int:
+    """Hand the resident file-backed pages of a frozen module's weights back to the kernel. Returns bytes."""
+    if module is None or any(p.requires_grad for p in module.parameters()):
+        return 0
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    starts = [s for s, _ in spans]
+    page = mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    done, seen = 0, set()
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        st = t.untyped_storage()
+        ptr, n = st.data_ptr(), st.nbytes()
+        if n == 0 or ptr in seen:
+            continue
+        seen.add(ptr)
+        i = bisect_right(starts, ptr) - 1
+        if i < 0 or ptr + n > spans[i][1]:
+            continue  # not (entirely) inside one file mapping: anonymous memory, keep it
+        a, b = -(-ptr // page) * page, (ptr + n) // page * page  # whole pages only
+        if b > a and libc.madvise(a, b - a, MADV_DONTNEED) == 0:
+            done += b - a
+        elif b > a:
+            raise OSError(ctypes.get_errno(), f"madvise failed: {os.strerror(ctypes.get_errno())}")
+    return done
