@@ -119,20 +119,20 @@ def load_model(
     """
     dt = parse_dtype(dtype)
     path = resolve(name_or_path)
-    if path.is_dir():
-        parts = _load_diffusers(path, dt, device, variant)
+    if path.is_dir():  # each component is NaN-checked (and handed to after_check) as it is loaded
+        parts = _load_diffusers(path, dt, device, variant, after_check)
     else:
         source = open_tensor_file(path, allow_pickle=allow_pickle)
         parts = _load_file(source, dt, device, config)
+        for name, module in parts.modules().items():
+            check_finite(module, f"{path} ({name})")
+            if after_check is not None:  # e.g. memory.release: the check touched every page of this module
+                after_check(module)
     if prediction is not None:
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         parts.config = dataclasses.replace(parts.config, prediction=prediction)  # type: ignore[arg-type]
     parts.eval()
-    for name, module in parts.modules().items():
-        check_finite(module, f"{path} ({name})")
-        if after_check is not None:  # e.g. memory.release: the check touched every page of this module
-            after_check(module)
     return parts
 
 
@@ -232,9 +232,10 @@ def detect_single_file(source: TensorSource) -> ModelConfig:
     return dataclasses.replace(config, text_encoders=tuple(specs))
 
 
-def _load_diffusers(root: Path, dtype, device, variant: str | None) -> ModelParts:
+def _load_diffusers(root: Path, dtype, device, variant: str | None, after_check=None) -> ModelParts:
     config, _index = dfmt.model_config_from_folder(root, name=root.name)
-    load = lambda folder: load_component(root / folder, dtype=dtype, device=device, variant=variant)  # noqa: E731
+    load = lambda folder: load_component(root / folder, dtype=dtype, device=device, variant=variant,  # noqa: E731
+                                         after_check=after_check)
     parts = ModelParts(
         config=config, unet=load("unet"), vae=load("vae"),
         text_encoders=[load(folder) for folder, _tok in dfmt.text_folders(config)],
@@ -248,9 +249,10 @@ def _load_diffusers(root: Path, dtype, device, variant: str | None) -> ModelPart
 
 def load_component(
     folder: str | os.PathLike, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-    variant: str | None = None,
+    variant: str | None = None, after_check=None,
 ) -> torch.nn.Module:
     """One diffusers / transformers component folder (config.json + safetensors) -> our module, strictly.
+    `after_check(module)` runs after its NaN check, as in `load_model`.
 
     UNet2DConditionModel -> UNet, AutoencoderKL -> AutoencoderKL, CLIPTextModel(WithProjection) ->
     CLIPTextModel, CLIPVisionModelWithProjection -> CLIPVisionModel, StableUnCLIPImageNormalizer ->
@@ -295,7 +297,10 @@ def load_component(
     check_plans(source, [plan])
     load_plans(source, [plan], parse_dtype(dtype), device)
     check_finite(module, str(folder))
-    return module.eval().requires_grad_(False)
+    module.eval().requires_grad_(False)
+    if after_check is not None:
+        after_check(module)
+    return module
 
 
 def dtype_variant(variant: str | None) -> str | None:
