@@ -62,3 +62,32 @@ def test_low_memory_pipeline_gives_the_same_images(tmp_path):
         a = keep("a red apple", steps=3, seed=5).latents
         b = low("a red apple", steps=3, seed=5).latents
         assert torch.equal(a, b)
+
+
+def test_folder_load_checks_each_component_once_and_releases_it_before_the_next(tmp_path, monkeypatch):
+    from stablexl.io import models as io_models
+    from stablexl.pipeline import Pipeline
+
+    folder = io_models.save_model(Pipeline.from_pretrained("tiny-sdxl").parts, tmp_path / "tiny", "diffusers")
+    events = []
+    real_check = io_models.check_finite
+    monkeypatch.setattr(io_models, "check_finite", lambda m, what: (events.append(("check", id(m))), real_check(m, what)))
+    parts = io_models.load_model(folder, after_check=lambda m: events.append(("release", id(m))))
+    ids = [id(m) for m in parts.modules().values()]
+    assert sorted(i for kind, i in events if kind == "check") == sorted(ids)  # once each, not twice
+    # every component is handed over right after its own check, before the next component is loaded
+    assert events == [e for i in [i for kind, i in events if kind == "check"] for e in (("check", i), ("release", i))]
+
+
+def test_release_takes_several_modules_at_once(tmp_path):
+    w = torch.randn(4, 1024, 1024)  # 16 MB
+    save_file({"a": w[:2].clone(), "b": w[2:].clone()}, str(tmp_path / "w.safetensors"))
+    src = SafetensorsSource(tmp_path / "w.safetensors")
+    mods = []
+    for k in "ab":
+        m = nn.Module()
+        m.register_buffer("w", src.get(k))
+        float(m.w.sum())  # fault the pages in
+        mods.append(m)
+    assert release(*mods, None) >= 15 * 2**20
+    assert torch.equal(mods[0].w, w[:2]) and torch.equal(mods[1].w, w[2:])

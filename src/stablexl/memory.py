@@ -16,6 +16,7 @@ denoising and the VAE after decoding, so at most one component is resident at a 
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import mmap
 import os
@@ -61,19 +62,24 @@ def _file_mappings() -> list[tuple[int, int]]:
     return sorted(spans)
 
 
-def release(module: nn.Module | None) -> int:
-    """Hand the resident file-backed pages of a frozen module's weights back to the kernel. Returns bytes."""
-    if module is None or any(p.requires_grad for p in module.parameters()):
-        return 0
-    spans = _file_mappings()
+@functools.cache
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def release(*modules: nn.Module | None) -> int:
+    """Hand the resident file-backed pages of frozen modules' weights back to the kernel. Returns bytes."""
+    frozen = [m for m in modules if m is not None and not any(p.requires_grad for p in m.parameters())]
+    spans = _file_mappings() if frozen else []  # one read of /proc/self/maps for all of them
     if not spans:
         return 0
     starts = [s for s, _ in spans]
     page = mmap.PAGESIZE
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = _madvise()
     done, seen = 0, set()
-    for t in itertools.chain(module.parameters(), module.buffers()):
+    for t in itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in frozen):
         st = t.untyped_storage()
         ptr, n = st.data_ptr(), st.nbytes()
         if n == 0 or ptr in seen:
@@ -83,7 +89,7 @@ def release(module: nn.Module | None) -> int:
         if i < 0 or ptr + n > spans[i][1]:
             continue  # not (entirely) inside one file mapping: anonymous memory, keep it
         a, b = -(-ptr // page) * page, (ptr + n) // page * page  # whole pages only
-        if b > a and libc.madvise(a, b - a, MADV_DONTNEED) == 0:
+        if b > a and madvise(a, b - a, MADV_DONTNEED) == 0:
             done += b - a
         elif b > a:
             raise OSError(ctypes.get_errno(), f"madvise failed: {os.strerror(ctypes.get_errno())}")

@@ -127,8 +127,7 @@ class Pipeline:
     def _release(self, *modules) -> None:
         """Under a `release_after_use` policy, file-backed weights of these modules leave RAM until next used."""
         if self.memory.release_after_use:
-            for m in modules:
-                release(m)
+            release(*modules)
 
     @property
     def config(self) -> ModelConfig:

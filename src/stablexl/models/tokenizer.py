@@ -227,9 +227,8 @@ def _lower(text: str) -> str:
 def _normalize(text: str) -> str:
     # Order of the reference's normalizer sequence: NFC, whitespace, lower.
     # There is no strip step; leading / trailing spaces vanish at pre-split.
-    if text.isascii():
-        return _ASCII_WS_RUN.sub(" ", text).lower()
-    return _lower(_unicode_patterns().ws_run.sub(" ", _nfc(text)))
+    ws_run = _ASCII_WS_RUN if text.isascii() else _unicode_patterns().ws_run  # _nfc and _lower take ASCII shortcuts
+    return _lower(ws_run.sub(" ", _nfc(text)))
 
 
 def _pre_split(normalized: str) -> list[str]:
