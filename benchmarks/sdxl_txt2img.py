@@ -3,7 +3,10 @@
 Random weights from the official configurations are written once as a diffusers folder (fp32, ≈ 14 GB).
 For each size, each implementation runs in a fresh process: load the folder, generate `--steps` Euler
 steps with CFG 5 (batch 2 through the UNet), decode. Reported: seconds per denoising step (median of the
-step callbacks' intervals), total seconds, and peak RSS (`ru_maxrss`), with ours/diffusers ratios.
+step callbacks' intervals), total seconds (generation, load excluded), and peak RSS (`ru_maxrss`), with
+ours/diffusers ratios. With `--rounds R` each size is measured R times, the order of the two
+implementations alternating between rounds (process-to-process spread on this machine is 15-25 %);
+the summary line gives the median of the per-round ratios and their range.
 
 Run: `python benchmarks/sdxl_txt2img.py --sizes 512 1024 --steps 20` (hours at 1024 px on 2 cores;
 `--steps 3 --sizes 512` gives a first reading in minutes).
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--memory", choices=["keep", "low"], default="low",
                     help="our memory policy: low = file-backed weights leave RAM after each use (stablexl/memory.py)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each size, alternating which runs first")
     args = ap.parse_args()
     root = Path(args.folder)
     if not (root / "unet" / "config.json").exists() or not list((root / "unet").glob("*.safetensors*")):
@@ -95,15 +99,26 @@ def main() -> None:
     print(f"SDXL base fp32, random weights ({root}); Euler, CFG 5, {args.steps} steps; torch threads = cores; "
           f"our memory policy: {args.memory}")
     print(f"{'size':>5s} {'impl':10s} {'s/step (median)':>16s} {'total s':>9s} {'peak RSS MB':>12s}")
+    children = {"stablexl": (OURS, args.memory), "diffusers": (DIFFUSERS,)}
     for size in args.sizes:
-        res = {"stablexl": run_child(OURS, str(root), str(size), str(args.steps), args.memory),
-               "diffusers": run_child(DIFFUSERS, str(root), str(size), str(args.steps))}
-        for name, r in res.items():
-            print(f"{size:5d} {name:10s} {statistics.median(r['step_s']):16.2f} {r['total_s']:9.1f} {r['peak_rss_mb']:12.0f}")
-        o, d = res["stablexl"], res["diffusers"]
-        print(f"{size:5d} ratios ours/diffusers: s/step {statistics.median(o['step_s']) / statistics.median(d['step_s']):.2f}, "
-              f"total {o['total_s'] / d['total_s']:.2f}, peak RSS {o['peak_rss_mb'] / d['peak_rss_mb']:.2f} "
-              "(targets: <= 1.0 time, <= 0.8 memory)")
+        ratios = []
+        for rnd in range(args.rounds):
+            order = ["stablexl", "diffusers"] if rnd % 2 == 0 else ["diffusers", "stablexl"]
+            res = {}
+            for name in order:
+                code, *extra = children[name]
+                res[name] = r = run_child(code, str(root), str(size), str(args.steps), *extra)
+                print(f"{size:5d} {name:10s} {statistics.median(r['step_s']):16.2f} {r['total_s']:9.1f} "
+                      f"{r['peak_rss_mb']:12.0f}   (round {rnd + 1}, run {len(res)} of 2)", flush=True)
+            o, d = res["stablexl"], res["diffusers"]
+            ratios.append((statistics.median(o["step_s"]) / statistics.median(d["step_s"]), o["total_s"] / d["total_s"],
+                           o["peak_rss_mb"] / d["peak_rss_mb"]))
+            print(f"{size:5d} round {rnd + 1} ours/diffusers: s/step {ratios[-1][0]:.2f}, total {ratios[-1][1]:.2f}, "
+                  f"peak RSS {ratios[-1][2]:.2f}", flush=True)
+        summary = ", ".join(f"{label} {statistics.median(c):.2f} [{min(c):.2f}-{max(c):.2f}]"
+                            for label, c in zip(("s/step", "total", "peak RSS"), zip(*ratios)))
+        print(f"{size:5d} ours/diffusers over {args.rounds} round(s), median [min-max]: {summary} "
+              "(targets: <= 1.0 time, <= 0.8 memory)", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import ctypes
 import gc
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -23,3 +24,5 @@ def _free_memory():
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # model hashes are cached across runs (stablexl/io/hashing.py): keep the tests' out of the user's cache
+    os.environ.setdefault("STABLEXL_CACHE_DIR", tempfile.mkdtemp(prefix="stablexl-test-cache-"))

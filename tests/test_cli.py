@@ -20,6 +20,19 @@ def test_generate_writes_png_with_parameters(tmp_path, capsys):
     assert "randomly initialised" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("mode", ["handoff", "sdedit"])
+def test_generate_with_a_refiner_from_cli(tmp_path, mode):
+    out = tmp_path / "r.png"
+    assert main(["generate", "x", "--model", "tiny-sdxl", "--refiner", "tiny-refiner", "--refiner-mode", mode,
+                 "--steps", "4", "--seed", "2", "--output", str(out), "--quiet"]) == 0
+    text = Image.open(out).text["parameters"]
+    assert "Model: tiny-sdxl" in text and "Refiner: tiny-refiner" in text
+    if mode == "sdedit":
+        assert "Refiner mode: sdedit" in text and "Refiner strength: 0.3" in text and "switch at" not in text
+    else:
+        assert "Refiner switch at: 0.8" in text and "Refiner mode" not in text
+
+
 def test_img2img_and_inpaint_from_cli(tmp_path):
     src = tmp_path / "src.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(src)

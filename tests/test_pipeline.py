@@ -166,6 +166,72 @@ def test_base_to_refiner_handoff_matches_diffusers(sdxl_folder, tmp_path):
     assert len(got.images) == 1
 
 
+@pytest.fixture(scope="module")
+def refiner_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe") / "tiny-refiner"
+    save_model(random_parts("tiny-refiner", seed=6), root, "diffusers")
+    return root
+
+
+@pytest.mark.parametrize("scores", [(6.0, 2.5), (7.5, 1.0)])
+def test_base_then_refiner_as_sdedit_matches_diffusers(sdxl_folder, refiner_folder, scores):
+    """The refiner as SDEdit: the base's full-schedule latents into diffusers' img2img pipeline at strength 0.3,
+    one generator per image carried through both pipelines."""
+    import diffusers
+
+    base_ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ref_ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder)
+    for p in (base_ref, ref_ref):
+        p.set_progress_bar_config(disable=True)
+    g = [torch.Generator().manual_seed(s) for s in (21, 22)]
+    lat = base_ref(["a red apple"] * 2, num_inference_steps=10, guidance_scale=5.0, height=64, width=64, generator=g,
+                   output_type="latent").images
+    want = ref_ref(["a red apple"] * 2, image=lat, strength=0.3, num_inference_steps=10, guidance_scale=5.0,
+                   aesthetic_score=scores[0], negative_aesthetic_score=scores[1], generator=g, output_type="latent").images
+    base, refiner = Pipeline.from_pretrained(sdxl_folder), Pipeline.from_pretrained(refiner_folder)
+    got = base.refine(refiner, "a red apple", mode="sdedit", refiner_strength=0.3, steps=10, cfg=5.0, seed=21, batch=2,
+                      sampler="euler", schedule="leading", width=64, height=64, aesthetic_score=scores[0],
+                      negative_aesthetic_score=scores[1])
+    err = R.rel_err(got.latents, want)
+    print(f"base then refiner as SDEdit (strength 0.3, aesthetic {scores}): latent rel err {err:.2e}")
+    assert err <= 1e-4
+    assert len(got.images) == 2
+    assert got.settings["model"] == base.name and got.settings["refiner"] == refiner.name
+    assert got.settings["refiner_mode"] == "sdedit" and got.settings["refiner_strength"] == 0.3
+
+
+def test_refiner_img2img_on_an_image_matches_diffusers(refiner_folder, init_image):
+    """The refiner alone as SDEdit on a picture (pixels in, VAE-encoded), with diffusers' default strength."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_folder)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a red apple", image=init_image, num_inference_steps=10, guidance_scale=5.0,
+               generator=[torch.Generator().manual_seed(8)], output_type="latent").images
+    got = Pipeline.from_pretrained(refiner_folder)("a red apple", init_image=init_image, steps=10, cfg=5.0, seed=8,
+                                                   sampler="euler", schedule="leading")
+    err = R.rel_err(got.latents, want)
+    print(f"refiner img2img on an image (default strength {got.settings['strength']}): latent rel err {err:.2e}")
+    assert got.settings["strength"] == 0.3
+    assert err <= 1e-4
+
+
+def test_refiner_modes_reject_bad_input(sdxl_folder, refiner_folder, init_image, mask_image):
+    base, refiner = Pipeline.from_pretrained(sdxl_folder), Pipeline.from_pretrained(refiner_folder)
+    with pytest.raises(ValueError, match="unknown refiner mode 'img2img'; choose handoff or sdedit"):
+        base.refine(refiner, "x", mode="img2img", steps=2)
+    with pytest.raises(ValueError, match="inpainting with a refiner is not supported"):
+        base.refine(refiner, "x", mode="sdedit", init_image=init_image, mask=mask_image, steps=2)
+    with pytest.raises(ValueError, match=r"init latents must have shape \(B, 4, h, w\), got \(1, 3, 8, 8\)"):
+        refiner("x", init_image=torch.zeros(1, 3, 8, 8), steps=4)
+    with pytest.raises(ValueError, match="3 init latents for a batch of 2"):
+        refiner("x", init_image=torch.zeros(3, 4, 8, 8), steps=4, batch=2)
+    with pytest.raises(ValueError, match="differs from the init latents' 64x64"):
+        refiner("x", init_image=torch.zeros(1, 4, 8, 8), steps=4, width=128)
+    with pytest.raises(ValueError, match="init latents contain NaN"):
+        refiner("x", init_image=torch.full((1, 4, 8, 8), float("nan")), steps=4)
+
+
 @pytest.mark.parametrize("case", ["heun", "dpmpp_2m_karras", "turbo_1", "turbo_4", "rescale_0.7"])
 def test_sdxl_sampler_variants_match_diffusers(sdxl_folder, case):
     import diffusers

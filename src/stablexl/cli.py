@@ -74,6 +74,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.refiner:
         refiner = Pipeline.from_pretrained(args.refiner, dtype=args.dtype, memory=args.memory)
         result = pipe.refine(refiner, args.prompt, args.negative_prompt, switch_at=args.switch_at,
+                             mode=args.refiner_mode, refiner_strength=args.refiner_strength,
                              aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
                              **kwargs)
     else:
@@ -309,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-prompt", default=None, help="unCLIP models: make variations of this image")
     g.add_argument("--noise-level", type=int, default=0, help="unCLIP: noise added to the image embedding, 0-999")
     g.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: hand off the last steps to it")
-    g.add_argument("--switch-at", type=float, default=0.8, help="fraction of the schedule the base runs before the refiner")
+    g.add_argument("--switch-at", type=float, default=0.8,
+                   help="handoff mode: fraction of the schedule the base runs before the refiner")
+    g.add_argument("--refiner-mode", choices=["handoff", "sdedit"], default="handoff",
+                   help="handoff: the refiner takes over the last steps (ensemble of experts); sdedit: the base runs "
+                        "all steps, then the refiner does image-to-image on its result at --refiner-strength")
+    g.add_argument("--refiner-strength", type=float, default=0.3, help="sdedit mode: image-to-image strength")
     g.add_argument("--aesthetic-score", type=float, default=6.0, help="refiner conditioning")
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5, help="refiner conditioning")
     g.add_argument("--vae-tile", type=int, default=None,

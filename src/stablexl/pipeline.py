@@ -133,6 +133,16 @@ class Pipeline:
     def config(self) -> ModelConfig:
         return self.parts.config
 
+    @property
+    def model_hash(self) -> str | None:
+        """A1111's "Model hash" of the weights this pipeline was loaded from; None for in-memory models."""
+        from .io.hashing import model_hash
+
+        try:
+            return None if self.parts.source is None else model_hash(self.parts.source)
+        except OSError:  # the file went away after loading: the image is still worth saving
+            return None
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                         memory: MemoryPolicy | str | None = None, **load_kwargs) -> "Pipeline":
@@ -274,8 +284,9 @@ class Pipeline:
         callback: Callable[[int, int, Tensor, Tensor], None] | None = None, output_type: str = "pil",
         noise: SeededNoise | None = None, vae_tile: int | None = None, image_prompt=None, noise_level: int = 0,
     ) -> GenerationResult:
-        """Generate. Text-to-image by default; with `init_image` (+ `strength`) image-to-image; with `mask`
-        (white = repaint) inpainting; with `denoising_end` the base stops early and returns latents for a
+        """Generate. Text-to-image by default; with `init_image` (+ `strength`) image-to-image, where
+        `init_image` may also be latents (B or 1, C, h, w), as diffusers accepts; with `mask` (white =
+        repaint) inpainting; with `denoising_end` the base stops early and returns latents for a
         refiner called with `latents=` and `denoising_start=` (the "ensemble of expert denoisers").
         unCLIP models take `image_prompt` (image variations) and its `noise_level` in [0, 999]."""
         d = self.defaults
@@ -289,8 +300,16 @@ class Pipeline:
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         f = cfg_model.vae.downsample_factor
-        image_t = mask_t = None
-        if init_image is not None:
+        image_t = mask_t = init_latents = None
+        if isinstance(init_image, Tensor):  # latents, e.g. a base model's output for the refiner as SDEdit
+            init_latents = _check_init_latents(init_image, cfg_model.unet.out_channels, batch if isinstance(prompt, str)
+                                               else len(prompt), mask)
+            lat_h, lat_w = init_latents.shape[-2] * f, init_latents.shape[-1] * f
+            if (width or lat_w, height or lat_h) != (lat_w, lat_h):
+                raise ValueError(f"width x height {width}x{height} differs from the init latents' {lat_w}x{lat_h}; "
+                                 "leave width and height unset")
+            width, height = lat_w, lat_h
+        elif init_image is not None:
             img = load_image(init_image)
             width = width or img.width // f * f
             height = height or img.height // f * f
@@ -346,6 +365,9 @@ class Pipeline:
         concat = image_latents = None
         if latents is not None:  # hand-off: continue from a VE-form latent at sigmas[0]
             x = latents.float()
+        elif init_latents is not None:  # diffusers img2img with 4-channel `image`: no VAE encode
+            image_latents = init_latents.float().expand(len(seeds), -1, -1, -1)
+            x = image_latents + noise() * float(sigmas[0])
         elif image_t is not None and (cfg_model.unet.in_channels == 4 or strength < 1.0):
             image_latents = self.encode_image(image_t, noise)
             first_noise = noise()
@@ -383,6 +405,8 @@ class Pipeline:
             "schedule": schedule, "cfg": cfg_scale, "seed": seed, "width": width, "height": height,
             "model": self.name, "guidance_rescale": guidance_rescale, "strength": strength,
             "denoising_start": denoising_start, "denoising_end": denoising_end,
+            "original_size": original_size, "target_size": target_size, "crop": tuple(crop),
+            "mask_blur": mask_blur if mask is not None else None,
         }
         notes = list(self.parts.notes)
         if float(sigmas[-1]) > final:
@@ -391,6 +415,7 @@ class Pipeline:
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
         if output_type == "latent":
             return GenerationResult([], x, seeds, settings, notes, noise=noise)
+        settings["model_hash"] = self.model_hash  # images get saved with it (cached: hashed once per file)
         dec = decode_latents(self.parts.vae, x, tile=vae_tile)  # vae_tile: latent tile side, e.g. 64 = 512 px
         self._release(self.parts.vae)
         if dec.upcast:
@@ -416,18 +441,56 @@ class Pipeline:
         vec = unclip_vector(embeds, noise_level, norm, noise((embeds.shape[1],)))
         return Conditioning(cond.context, vec), Conditioning(uncond.context, torch.zeros_like(vec))
 
-    def refine(self, refiner: "Pipeline", prompt, negative_prompt=None, *, switch_at: float = 0.8, **kwargs) -> GenerationResult:
-        """Base -> refiner hand-off at `switch_at` of the schedule, both on the same σ grid and noise."""
+    def refine(self, refiner: "Pipeline", prompt, negative_prompt=None, *, switch_at: float = 0.8,
+               mode: str = "handoff", refiner_strength: float = 0.3, **kwargs) -> GenerationResult:
+        """Base -> refiner, in one of the two ways the SDXL report describes (§2.5, Fig. 1):
+
+        - `mode="handoff"`, the "ensemble of expert denoisers": the base runs the first `switch_at` of the
+          schedule and the refiner the rest, on the same σ grid and noise (diffusers `denoising_end` /
+          `denoising_start`; A1111's "Refiner switch at").
+        - `mode="sdedit"`: the base runs its whole schedule, then the refiner does image-to-image on the
+          base's latents at `refiner_strength` (SDEdit; diffusers' base latents into
+          `StableDiffusionXLImg2ImgPipeline`, whose default strength is 0.3). Each seed's noise stream
+          continues from the base, as when one generator is passed to both diffusers pipelines.
+        `aesthetic_score` / `negative_aesthetic_score` go to the refiner, everything else to the base."""
+        if mode not in ("handoff", "sdedit"):
+            raise ValueError(f"unknown refiner mode {mode!r}; choose handoff or sdedit")
+        if kwargs.get("mask") is not None:
+            raise ValueError("inpainting with a refiner is not supported: the refiner stage would repaint the "
+                             "unmasked pixels too; inpaint with the base alone, then refine the result as img2img")
         refiner_keys = {"aesthetic_score", "negative_aesthetic_score"}
         base_kwargs = {k: v for k, v in kwargs.items() if k not in refiner_keys}
-        base = self(prompt, negative_prompt, denoising_end=switch_at, output_type="latent", **base_kwargs)
         shared = {k: v for k, v in kwargs.items() if k in ("steps", "cfg", "sampler", "schedule", "guidance_rescale", "callback",
                                                            "vae_tile")
                   or k in refiner_keys}
-        out = refiner(prompt, negative_prompt, latents=base.latents, denoising_start=switch_at, seed=base.settings["seed"],
-                      batch=len(base.seeds), noise=base.noise, **shared)
-        out.settings.update(refiner=refiner.name, refiner_switch_at=switch_at)
+        if mode == "handoff":
+            base = self(prompt, negative_prompt, denoising_end=switch_at, output_type="latent", **base_kwargs)
+            out = refiner(prompt, negative_prompt, latents=base.latents, denoising_start=switch_at,
+                          seed=base.settings["seed"], batch=len(base.seeds), noise=base.noise, **shared)
+            extra = {"refiner_switch_at": switch_at}
+        else:
+            base = self(prompt, negative_prompt, output_type="latent", **base_kwargs)
+            out = refiner(prompt, negative_prompt, init_image=base.latents, strength=refiner_strength,
+                          seed=base.settings["seed"], batch=len(base.seeds), noise=base.noise, **shared)
+            extra = {"refiner_mode": "sdedit", "refiner_strength": refiner_strength}
+        # The images' settings are the base's (A1111: "Model" is the base, "Refiner" the refiner).
+        out.settings = {**base.settings, "denoising_end": None, "refiner": refiner.name, **extra}
+        if out.images:
+            out.settings["model_hash"] = self.model_hash
         return out
+
+
+def _check_init_latents(latents: Tensor, channels: int, batch: int, mask) -> Tensor:
+    if mask is not None:
+        raise ValueError("inpainting needs the init image as pixels (a PIL image or a path), not latents")
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise ValueError(f"init latents must have shape (B, {channels}, h, w), got {tuple(latents.shape)}; "
+                         "pass a PIL image or a path for pixels")
+    if latents.shape[0] not in (1, batch):
+        raise ValueError(f"{latents.shape[0]} init latents for a batch of {batch}; pass 1 or {batch}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("init latents contain NaN/inf")
+    return latents
 
 
 def _blend_known_region(mask: Tensor, image_latents: Tensor, noise: Tensor, sigmas: Tensor, callback):

@@ -538,3 +538,72 @@ def test_info_does_not_import_torch():
 
     code = "import sys, stablexl.info; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- Model hash (A1111: first 10 hex digits of the checkpoint's SHA-256) ------------------------------
+
+def test_model_hash_of_a_file_and_a_folder(tmp_path, monkeypatch):
+    import hashlib
+
+    from stablexl.io import hashing
+
+    monkeypatch.setenv("STABLEXL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashing, "_memo", {})
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"weights" * 1000)
+    assert hashing.model_hash(f) == hashlib.sha256(b"weights" * 1000).hexdigest()[:10]
+    folder = tmp_path / "folder"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "unet" / "b.safetensors").write_bytes(b"B")
+    (folder / "unet" / "a.safetensors").write_bytes(b"A")
+    assert hashing.model_hash(folder) == hashlib.sha256(b"AB").hexdigest()[:10]  # weight files, sorted, one stream
+    with pytest.raises(FileNotFoundError, match="no UNet weight files to hash"):
+        hashing.model_hash(tmp_path / "cache")
+
+
+def test_model_hash_is_cached_on_disk_and_redone_when_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    from stablexl.io import hashing
+
+    monkeypatch.setenv("STABLEXL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(hashing, "_memo", {})
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"one")
+    first = hashing.model_hash(f)
+    store = json.loads((tmp_path / "cache" / "hashes.json").read_text())
+    assert store[str(f.resolve())]["sha256"].startswith(first)
+    calls = []
+    real = hashing.sha256_files
+    monkeypatch.setattr(hashing, "sha256_files", lambda files: calls.append(files) or real(files))
+    monkeypatch.setattr(hashing, "_memo", {})  # a new process: only the disk cache is left
+    assert hashing.model_hash(f) == first and calls == []
+    f.write_bytes(b"two, longer")  # new size and mtime: hashed again
+    assert hashing.model_hash(f) == hashlib.sha256(b"two, longer").hexdigest()[:10] and len(calls) == 1
+    (tmp_path / "cache" / "hashes.json").write_text("{not json")  # a damaged cache is ignored and rewritten
+    monkeypatch.setattr(hashing, "_memo", {})
+    assert hashing.model_hash(f) == hashlib.sha256(b"two, longer").hexdigest()[:10] and len(calls) == 2
+    assert json.loads((tmp_path / "cache" / "hashes.json").read_text())
+
+
+def test_generated_png_carries_model_hash_and_img2img_settings(tmp_path):
+    import hashlib
+
+    import torch
+
+    from stablexl.io.models import save_model
+    from stablexl.models.parts import build_parts
+    from stablexl.config import preset
+    from stablexl.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    path = save_model(build_parts(preset("tiny-sdxl"), device="cpu"), tmp_path / "tiny.safetensors")
+    pipe = Pipeline.from_pretrained(path)
+    res = pipe("a cat", init_image=Image.new("RGB", (64, 64), "red"), strength=0.5, steps=4, seed=3,
+               original_size=(32, 48), crop=(8, 0))
+    got = parse_infotext(generation_infotext(res.settings, 0))
+    assert got["model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert got["model"] == "tiny.safetensors"
+    assert got["extra"]["Denoising strength"] == "0.5"
+    assert got["extra"]["Original size"] == "48x32" and got["extra"]["Crop"] == "0x8"

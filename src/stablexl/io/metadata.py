@@ -31,15 +31,28 @@ def infotext(prompt: str, negative: str | None, params: dict) -> str:
     return "\n".join(lines)
 
 
+def size_text(hw) -> str | None:
+    """(height, width) -> "WxH", the order infotext writes sizes in (peers.md §2.3)."""
+    return None if hw is None else f"{hw[1]}x{hw[0]}"
+
+
 def generation_infotext(settings: dict, index: int) -> str:
-    """Infotext for image `index` of a GenerationResult's settings."""
+    """Infotext for image `index` of a GenerationResult's settings, with A1111's keys where it has them."""
     neg = settings.get("negative_prompt")
+    crop = tuple(settings.get("crop") or (0, 0))
+    refiner = settings.get("refiner")
     params = {
         "Steps": settings["steps"], "Sampler": A1111_SAMPLER.get(settings["sampler"], settings["sampler"]),
         "Schedule type": A1111_SCHEDULE.get(settings["schedule"], settings["schedule"]), "CFG scale": settings["cfg"],
         "Seed": settings["seed"] + index, "Size": f"{settings['width']}x{settings['height']}",
-        "Model": settings.get("model"),
+        "Model hash": settings.get("model_hash"), "Model": settings.get("model"),
+        "Denoising strength": settings.get("strength"), "Mask blur": settings.get("mask_blur") or None,
+        "Refiner": refiner, "Refiner switch at": settings.get("refiner_switch_at") if refiner else None,
+        "Refiner mode": settings.get("refiner_mode") if refiner else None,
+        "Refiner strength": settings.get("refiner_strength") if refiner else None,
         "Guidance rescale": settings.get("guidance_rescale") or None,
+        "Original size": size_text(settings.get("original_size")), "Target size": size_text(settings.get("target_size")),
+        "Crop": f"{crop[1]}x{crop[0]}" if crop != (0, 0) else None,
         "Version": f"stablexl {__version__}",
     }
     return infotext(settings["prompt"][index], neg[index] if neg else None, params)

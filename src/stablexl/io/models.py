@@ -132,6 +132,7 @@ def load_model(
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         parts.config = dataclasses.replace(parts.config, prediction=prediction)  # type: ignore[arg-type]
+    parts.source = path
     parts.eval()
     return parts
 

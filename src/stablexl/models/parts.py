@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class ModelParts:
     image_encoder: CLIPVisionModel | None = None
     image_normalizer: EmbeddingNormalizer | None = None
     notes: list[str] = field(default_factory=list)  # what the loader did that a user may want to know
+    source: Path | None = None  # the file or folder the weights came from (None: built in memory)
 
     def modules(self) -> dict[str, nn.Module]:
         """Component name -> module, in a fixed order; also the key prefixes of our checkpoint format."""

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .. import __version__
-from ..io.metadata import infotext
+from ..io.metadata import infotext, size_text
 from ..names import A1111_SAMPLER, A1111_SCHEDULE, SCHEDULE_NAMES, resolve_sampler
 from .images import png_bytes
 from .preview import Previewer
@@ -321,21 +321,17 @@ class _Progress:
         self.iter_base, self.iteration = self.done, self.iteration + 1
 
 
-def _size_text(hw: tuple[int, int] | None) -> str | None:
-    return None if hw is None else f"{hw[1]}x{hw[0]}"  # infotext sizes are width x height (peers.md §2.3)
-
-
-def image_infotext(spec: Spec, seed: int) -> str:
+def image_infotext(spec: Spec, seed: int, model_hash: str | None = None) -> str:
     """A1111 infotext for one image, with the keys A1111 uses where it has them (peers.md §2.3)."""
     params = {
         "Steps": spec.steps, "Sampler": A1111_SAMPLER.get(spec.sampler, spec.sampler),
         "Schedule type": A1111_SCHEDULE.get(spec.schedule, spec.schedule), "CFG scale": spec.cfg, "Seed": seed,
-        "Size": f"{spec.width}x{spec.height}", "Model": spec.model,
+        "Size": f"{spec.width}x{spec.height}", "Model hash": model_hash, "Model": spec.model,
         "Denoising strength": spec.strength if spec.init_image is not None else None,
         "Mask blur": spec.mask_blur if spec.mask is not None and spec.mask_blur else None,
         "Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch_at if spec.refiner else None,
         "Guidance rescale": spec.guidance_rescale or None,
-        "Original size": _size_text(spec.original_size), "Target size": _size_text(spec.target_size),
+        "Original size": size_text(spec.original_size), "Target size": size_text(spec.target_size),
         "Crop": f"{spec.crop[1]}x{spec.crop[0]}" if tuple(spec.crop) != (0, 0) else None,
         "Noise level": spec.noise_level if spec.image_prompt is not None else None,
         **spec.extra_infotext,
@@ -386,7 +382,7 @@ def run(job: Job, spec: Spec, models: Models) -> Output:
             spec.strength = result.settings["strength"]  # the pipeline's default, for the infotext
         progress.end_iteration()
         for k, img in enumerate(result.images):
-            text = image_infotext(spec, result.seeds[k])
+            text = image_infotext(spec, result.seeds[k], result.settings.get("model_hash"))
             images.append({"png": png_bytes(img, text), "seed": result.seeds[k], "width": img.width,
                            "height": img.height, "infotext": text})
         if spec.output_type == "latent":
