@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from torch import nn
 
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters, <malloc.h> (glibc)
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,50 @@ def release(*modules: nn.Module | None) -> int:
         elif b > a:
             raise OSError(ctypes.get_errno(), f"madvise failed: {os.strerror(ctypes.get_errno())}")
     return done
+
+
+# --------------------------------------------------------------------------------------------------
+# The allocator: reuse freed activation memory instead of having the kernel zero-fill it again
+# --------------------------------------------------------------------------------------------------
+#
+# PyTorch's CPU tensors come from malloc. glibc serves blocks above its mmap threshold (128 KB, rising
+# by itself to at most 32 MB) with a fresh mmap and unmaps them when freed, so every large activation is
+# page-faulted and zero-filled by the kernel again on each use. Measured on this machine, SDXL UNet at
+# 512² (batch 2, fp32): 470k minor faults (~1.9 GB) per call; with both thresholds at 1 GB, ~0 faults and
+# 25.5 -> 22.4 s per call. (Intel's PyTorch CPU tuning guide gets the same effect by swapping in
+# jemalloc or tcmalloc.) Freed memory then stays in the process until trim().
+
+
+@functools.cache
+def reuse_freed_memory(threshold: int = 1 << 30) -> bool:
+    """Raise glibc's mmap and trim thresholds to `threshold` bytes, once per process. Leaves alone a
+    process whose user set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, and non-glibc systems.
+    Returns whether the thresholds were set."""
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    mmap_ok = libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    trim_ok = libc.mallopt(M_TRIM_THRESHOLD, threshold)
+    return bool(mmap_ok and trim_ok)
+
+
+def trim() -> None:
+    """Hand the heap's free memory back to the kernel (malloc_trim(3)); a no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):  # both are glibc's
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc

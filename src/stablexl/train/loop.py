@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..memory import reuse_freed_memory
 from .ema import EMA
 from .state import (
     latest_state,
@@ -233,6 +234,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     """Run `task` for `cfg.steps` optimizer steps, writing into `out`. Returns the final weights' path
     (on rank 0). `resume`: True/"auto" = the latest state in `out`, or a state file path."""
     out = Path(out)
+    reuse_freed_memory()  # activations reuse freed heap blocks (stablexl/memory.py): no page faults per step
     rank, world, device = init_distributed()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
