@@ -101,9 +101,11 @@ import resource, sys, torch
 from stablexl import memory
 applied = memory.reuse_freed_memory() if sys.argv[1] == "reuse" else False
 torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.GroupNorm(8, 64), torch.nn.SiLU(),
-                          torch.nn.Conv2d(64, 32, 3, padding=1))
-x = torch.randn(2, 32, 192, 192)  # 9 MB in, 19 MB activations: past glibc's default mmap threshold
+net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(),
+                          torch.nn.Conv2d(16, 8, 3, padding=1))
+# 38 MB in, 75 MB activations: above the 32 MB that glibc's own mmap threshold can rise to, so by
+# default every one of them is a fresh mapping
+x = torch.randn(2, 8, 768, 768)
 def faults_per_call(reps=3):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with torch.no_grad():
@@ -121,9 +123,10 @@ print(applied, f, held - rss_mb())
 
 
 def test_freed_activations_are_reused_instead_of_faulted_in_again():
-    """A conv block's forward pass, repeated: by default glibc maps each large activation afresh and
-    the kernel zero-fills it (~12k faulted 4 KB pages per call measured); with the thresholds raised
-    the freed blocks are reused (0 faults measured); trim() hands the held memory back."""
+    """A conv block's forward pass, repeated. By default glibc maps each 38-75 MB activation afresh and the
+    kernel zero-fills it: 129k faulted 4 KB pages per call, the same in every run. With the thresholds
+    raised, freed blocks are reused: 0 faults per call run directly, 3k-6k under pytest (now and then a
+    block does not fit a freed one and the heap grows once). trim() then hands the held memory back."""
     import subprocess
     import sys
 
@@ -132,10 +135,11 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
                              env={**os.environ, **env}).stdout.split()
         return out[0] == "True", float(out[1]), float(out[2])
 
-    applied, faults, _ = run("default")
-    assert not applied and faults > 5000
+    applied, default_faults, _ = run("default")
+    assert not applied and default_faults > 100_000
     applied, faults, trimmed = run("reuse")
-    assert applied and faults < 100
-    assert trimmed > 10  # MB
+    print(f"page faults per call: {default_faults:.0f} by default, {faults:.0f} reusing freed blocks")
+    assert applied and faults < 0.1 * default_faults
+    assert trimmed > 100  # MB
     applied, faults, _ = run("reuse", MALLOC_MMAP_THRESHOLD_="131072")  # the user's own setting wins
-    assert not applied and faults > 5000
+    assert not applied and faults > 100_000
