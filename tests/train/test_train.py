@@ -39,7 +39,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("task,extra", [
     ("unet", UNET[2:] + ["--steps", "40", "--log-every", "4"]),
-    ("vae", ["--model", "tiny-sdxl", "--batch-size", "4", "--steps", "40", "--lr", "2e-3", "--disc-start", "1000",
+    # lr 1e-3: at 2e-3 this VAE's 40-step curve spikes (l1 0.40 -> 0.63 mid-run with either AdamW kernel), and whether
+    # a spike lands in the last windows flips on last-bit differences (seed 0: ratio 0.64 for-loop, 1.23 fused).
+    # At 1e-3, seeds 0-2 with both kernels end at 0.45-0.66 of the first windows.
+    ("vae", ["--model", "tiny-sdxl", "--batch-size", "4", "--steps", "40", "--lr", "1e-3", "--disc-start", "1000",
              "--log-every", "4", "--quiet"]),
     ("clip", ["--model", "mini", "--batch-size", "8", "--steps", "40", "--lr", "1e-3", "--log-every", "4", "--quiet",
               "--no-flip"]),

@@ -32,9 +32,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         d = self.current_decay()
-        for k, p in module.named_parameters():
-            if k in self.shadow:
-                _local(self.shadow[k]).lerp_(_local(p.detach()).float(), 1.0 - d)
+        pairs = [(_local(self.shadow[k]), _local(p.detach()).float()) for k, p in module.named_parameters() if k in self.shadow]
+        if pairs:  # one multi-tensor call instead of a Python loop over every parameter
+            torch._foreach_lerp_([s for s, _ in pairs], [p for _, p in pairs], 1.0 - d)
         self.updates += 1
 
     @torch.no_grad()

@@ -170,6 +170,15 @@ def _reshard(raw: dict[str, nn.Module]) -> None:
                 sub.reshard()
 
 
+def _adam_kernel(device: torch.device, sharded: bool) -> dict:
+    """AdamW's one-kernel (fused) update where PyTorch has it. The default on CPU is a Python loop of ~10 ops per
+    tensor: 118 ms of a 1.0 s step for the miniature UNet's 618 tensors (torch profiler, batch 64). Sharded
+    (DTensor) parameters take the multi-tensor (foreach) path."""
+    if not sharded and device.type in ("cpu", "cuda"):
+        return {"fused": True, "foreach": None}
+    return {"fused": None, "foreach": True}
+
+
 def _is_sharded(t) -> bool:
     if not (dist.is_available() and dist.is_initialized()):  # single process: no import, no cost per step
         return False
@@ -258,7 +267,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
         wd = cfg.weight_decay if spec.weight_decay is None else spec.weight_decay
         opts[spec.name] = torch.optim.AdamW(
             [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
-            lr=spec.lr or cfg.lr, betas=spec.betas or cfg.betas)
+            lr=spec.lr or cfg.lr, betas=spec.betas or cfg.betas, **_adam_kernel(device, sharded))
     base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
     ema_keys = getattr(task, "ema_modules", tuple(raw))  # e.g. the VAE but not its discriminator
     emas = {k: EMA(raw[k], cfg.ema_decay) for k in ema_keys} if cfg.ema_decay > 0 else {}
@@ -273,6 +282,8 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
             _load_module(m, tensors, f"model.{k}.")
         for name, o in opts.items():
             load_optimizer(o, name, _shard_optimizer_tensors(o, name, tensors), meta["optim"][name])
+            for g in o.param_groups:  # the kernel is this machine's choice, not the saved run's
+                g.update(_adam_kernel(device, sharded))
         for k, e in emas.items():
             pre = f"ema.{k}."
             e.load_state_tensors({pre + n: _like(tensors[pre + n], sh) for n, sh in e.shadow.items() if pre + n in tensors},
@@ -320,7 +331,8 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
                     g["lr"] = base * lr_scale
                 params = [p for g in o.param_groups for p in g["params"]]
                 if cfg.grad_clip > 0:
-                    logs[f"grad_norm/{name}"] = float(_full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=None if sharded else True)
+                    logs[f"grad_norm/{name}"] = float(_full(norm))
                 o.step()
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
