@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--memory", choices=["keep", "low"], default="low",
                     help="our memory policy: low = file-backed weights leave RAM after each use (stablexl/memory.py)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat each size, alternating which runs first")
+    ap.add_argument("--first", choices=["stablexl", "diffusers"], default="stablexl",
+                    help="which runs first in round 1 (the other runs first in round 2, and so on)")
     args = ap.parse_args()
     root = Path(args.folder)
     if not (root / "unet" / "config.json").exists() or not list((root / "unet").glob("*.safetensors*")):
@@ -103,7 +105,8 @@ def main() -> None:
     for size in args.sizes:
         ratios = []
         for rnd in range(args.rounds):
-            order = ["stablexl", "diffusers"] if rnd % 2 == 0 else ["diffusers", "stablexl"]
+            first, second = (args.first, "diffusers" if args.first == "stablexl" else "stablexl")
+            order = [first, second] if rnd % 2 == 0 else [second, first]
             res = {}
             for name in order:
                 code, *extra = children[name]
