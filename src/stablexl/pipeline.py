@@ -409,6 +409,7 @@ class Pipeline:
             "denoising_start": denoising_start, "denoising_end": denoising_end,
             "original_size": original_size, "target_size": target_size, "crop": tuple(crop),
             "mask_blur": mask_blur if mask is not None else None,
+            "noise_level": noise_level if image_prompt is not None else None,
         }
         notes = list(self.parts.notes)
         if float(sigmas[-1]) > final:

@@ -119,7 +119,9 @@ class GatedPipeline:
             if callback is not None:
                 callback(i, steps, None, None)
         images = [Image.new("RGB", (width, height), (seed % 256, 0, 0)) for _ in range(batch)]
-        settings = {"strength": None}
+        settings = {"prompt": [prompt] * batch, "negative_prompt": None if negative_prompt is None else [negative_prompt] * batch,
+                    "steps": steps, "sampler": kw.get("sampler"), "schedule": kw.get("schedule"), "cfg": kw.get("cfg"),
+                    "seed": seed, "width": width, "height": height, "model": self.name, "strength": None}
         return GenerationResult(images, torch.zeros(batch, 4, height // 8, width // 8),
                                 [seed + k for k in range(batch)], settings, [])
 

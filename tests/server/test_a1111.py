@@ -167,3 +167,23 @@ def test_png_info_round_trip():
         assert plain == {"info": "", "items": {}, "parameters": {}}
         r = c.post("/sdapi/v1/png-info", json={"image": "aGVsbG8="})
         assert r.status_code == 422 and r.json()["field"] == "image"
+
+
+def test_model_hash_of_a_model_loaded_from_a_file(tmp_path):
+    import torch
+
+    from stablexl.config import PRESETS
+    from stablexl.io.hashing import model_hash
+    from stablexl.io.models import save_model
+    from stablexl.models.parts import build_parts
+
+    torch.manual_seed(0)
+    path = save_model(build_parts(PRESETS["tiny-sdxl"], device="cpu"), tmp_path / "tiny.safetensors")
+    with client(models=[str(path)], loader=None) as c:
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64, "seed": 3})
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        h = model_hash(path)
+        assert len(h) == 10 and info["sd_model_hash"] == h  # A1111's short hash: sha256[:10] of the file
+        assert f"Model hash: {h}" in info["infotexts"][0]
+        assert decode_png(r.json()["images"][0]).text["parameters"] == info["infotexts"][0]

@@ -173,6 +173,23 @@ def test_refiner_handoff_and_aesthetic_score():
         assert np.array_equal(_pixels(refined), _pixels(jobs[0]))
 
 
+def test_refiner_as_sdedit_equals_the_pipeline():
+    with client(models=["tiny-sdxl", "tiny-refiner"]) as c:
+        job = _generate(c, prompt="x", steps=4, seed=5, refiner="tiny-refiner", refiner_mode="sdedit",
+                        refiner_strength=0.5, sampler="euler_ancestral")
+        assert job["state"] == "succeeded", job
+        assert job["progress"]["step"] == job["progress"]["total"] == 4 + 2  # all base steps, then 4 x 0.5
+        text = job["images"][0]["infotext"]
+        assert "Refiner: tiny-refiner" in text and "Refiner mode: sdedit" in text and "Refiner strength: 0.5" in text
+        assert "Refiner switch at" not in text
+        base, refiner = Pipeline.from_pretrained("tiny-sdxl"), Pipeline.from_pretrained("tiny-refiner")
+        want = base.refine(refiner, "x", mode="sdedit", refiner_strength=0.5, steps=4, seed=5,
+                           sampler="euler_ancestral", width=64, height=64)
+        assert np.array_equal(_pixels(job), np.asarray(want.images[0]))
+        bad = c.post("/v1/generate", json={"prompt": "x", "refiner": "tiny-refiner", "refiner_mode": "nope"})
+        assert bad.status_code == 422 and "refiner_mode" in bad.text
+
+
 def test_micro_conditioning_reaches_the_pipeline():
     with client() as c:
         ref = _pixels(_generate(c, prompt="x", steps=2, seed=9))

@@ -37,7 +37,8 @@ def size_text(hw) -> str | None:
 
 
 def generation_infotext(settings: dict, index: int) -> str:
-    """Infotext for image `index` of a GenerationResult's settings, with A1111's keys where it has them."""
+    """Infotext for image `index` of a GenerationResult's settings, with A1111's keys where it has them.
+    The one builder for the CLI, the Python API and both server APIs."""
     neg = settings.get("negative_prompt")
     crop = tuple(settings.get("crop") or (0, 0))
     refiner = settings.get("refiner")
@@ -53,6 +54,7 @@ def generation_infotext(settings: dict, index: int) -> str:
         "Guidance rescale": settings.get("guidance_rescale") or None,
         "Original size": size_text(settings.get("original_size")), "Target size": size_text(settings.get("target_size")),
         "Crop": f"{crop[1]}x{crop[0]}" if crop != (0, 0) else None,
+        "Noise level": settings.get("noise_level"),
         "Version": f"stablexl {__version__}",
     }
     return infotext(settings["prompt"][index], neg[index] if neg else None, params)

@@ -14,15 +14,14 @@ import math
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .. import __version__
-from ..io.metadata import infotext, size_text
-from ..names import A1111_SAMPLER, A1111_SCHEDULE, SCHEDULE_NAMES, resolve_sampler
+from ..io.metadata import generation_infotext
+from ..names import SCHEDULE_NAMES, resolve_sampler
 from .images import png_bytes
 from .preview import Previewer
 from .queue import Cancelled, Job
@@ -132,6 +131,8 @@ class Spec:
     crop_to_fit: bool = False  # A1111 resize_mode 1: crop the init image to the output's aspect first
     refiner: str | None = None
     refiner_switch_at: float = 0.8
+    refiner_mode: str = "handoff"  # or "sdedit": the base runs all its steps, the refiner does img2img on them
+    refiner_strength: float = 0.3
     denoising_start: float | None = None
     denoising_end: float | None = None
     latents: torch.Tensor | None = None
@@ -147,7 +148,6 @@ class Spec:
     image_prompt: Image.Image | None = None
     noise_level: int = 0
     vae_tile: int | None = None
-    extra_infotext: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
         """The resolved settings as JSON (images are described, not echoed)."""
@@ -158,7 +158,7 @@ class Spec:
                 v = None if v is None else f"{v.width}x{v.height} image"
             elif f.name == "latents":
                 v = None if v is None else list(v.shape)
-            elif f.name in ("resize_mask", "crop_to_fit", "extra_infotext"):
+            elif f.name in ("resize_mask", "crop_to_fit"):
                 continue
             elif isinstance(v, tuple):
                 v = list(v)
@@ -201,6 +201,8 @@ def resolve(spec: Spec, models: Models, limits: Limits) -> Spec:
                                         "and latents unset")
         if spec.output_type != "pil":
             raise InputError("output_type", "a refiner job returns images; output_type must be 'pil'")
+        if spec.refiner_mode not in ("handoff", "sdedit"):
+            raise InputError("refiner_mode", f"unknown refiner mode {spec.refiner_mode!r}; choose handoff or sdedit")
 
     # ---- numbers and limits ---------------------------------------------------------------------
     # an unspecified step count is the model's default, capped by the server's limit (so it always runs)
@@ -287,7 +289,7 @@ def resolve(spec: Spec, models: Models, limits: Limits) -> Spec:
 
 @dataclass
 class Output:
-    images: list[dict]  # {"png": bytes, "seed", "width", "height", "infotext"}
+    images: list[dict]  # {"png": bytes, "seed", "width", "height", "infotext", "model_hash"}
     latents: tuple[list[int], bytes] | None  # (shape, float32 little-endian data), for output_type "latent"
     notes: list[str]
     settings: dict
@@ -319,25 +321,6 @@ class _Progress:
     def end_iteration(self) -> None:
         self.per_iter = max(1, self.done - self.iter_base)
         self.iter_base, self.iteration = self.done, self.iteration + 1
-
-
-def image_infotext(spec: Spec, seed: int, model_hash: str | None = None) -> str:
-    """A1111 infotext for one image, with the keys A1111 uses where it has them (peers.md §2.3)."""
-    params = {
-        "Steps": spec.steps, "Sampler": A1111_SAMPLER.get(spec.sampler, spec.sampler),
-        "Schedule type": A1111_SCHEDULE.get(spec.schedule, spec.schedule), "CFG scale": spec.cfg, "Seed": seed,
-        "Size": f"{spec.width}x{spec.height}", "Model hash": model_hash, "Model": spec.model,
-        "Denoising strength": spec.strength if spec.init_image is not None else None,
-        "Mask blur": spec.mask_blur if spec.mask is not None and spec.mask_blur else None,
-        "Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch_at if spec.refiner else None,
-        "Guidance rescale": spec.guidance_rescale or None,
-        "Original size": size_text(spec.original_size), "Target size": size_text(spec.target_size),
-        "Crop": f"{spec.crop[1]}x{spec.crop[0]}" if tuple(spec.crop) != (0, 0) else None,
-        "Noise level": spec.noise_level if spec.image_prompt is not None else None,
-        **spec.extra_infotext,
-        "Version": f"stablexl {__version__}",
-    }
-    return infotext(spec.prompt, spec.negative_prompt, params)
 
 
 def pipeline_kwargs(spec: Spec, seed: int, callback) -> dict:
@@ -374,17 +357,18 @@ def run(job: Job, spec: Spec, models: Models) -> Output:
         seed = spec.seed + it * spec.batch  # A1111: batch k of n_iter starts at seed + k * batch_size
         kw = pipeline_kwargs(spec, seed, progress)
         if refiner is not None:
-            result = m.pipe.refine(refiner.pipe, spec.prompt, spec.negative_prompt,
-                                   switch_at=spec.refiner_switch_at, **kw)
+            result = m.pipe.refine(refiner.pipe, spec.prompt, spec.negative_prompt, switch_at=spec.refiner_switch_at,
+                                   mode=spec.refiner_mode, refiner_strength=spec.refiner_strength, **kw)
         else:
             result = m.pipe(spec.prompt, spec.negative_prompt, **kw)
         if spec.strength is None and result.settings.get("strength") is not None:
             spec.strength = result.settings["strength"]  # the pipeline's default, for the infotext
         progress.end_iteration()
+        settings = {**result.settings, "model": spec.model}  # the name the server knows the model by
         for k, img in enumerate(result.images):
-            text = image_infotext(spec, result.seeds[k], result.settings.get("model_hash"))
+            text = generation_infotext(settings, k)
             images.append({"png": png_bytes(img, text), "seed": result.seeds[k], "width": img.width,
-                           "height": img.height, "infotext": text})
+                           "height": img.height, "infotext": text, "model_hash": settings.get("model_hash")})
         if spec.output_type == "latent":
             latents.append(result.latents.float().cpu())
         notes += [n for n in result.notes if n not in notes]

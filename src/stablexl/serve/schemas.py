@@ -59,7 +59,11 @@ class GenerateRequest(BaseModel):
     mask_invert: bool = False
     # base -> refiner hand-off, in one job or by hand (output_type latent + latents)
     refiner: Name | None = Field(None, description="a loaded refiner model to hand the last steps to")
-    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0)
+    refiner_switch_at: float = Field(0.8, gt=0.0, lt=1.0, description="handoff: the fraction of the schedule the base runs")
+    refiner_mode: Literal["handoff", "sdedit"] = Field(
+        "handoff", description="handoff: the refiner runs the last steps of one schedule; sdedit: the base runs all "
+                               "its steps, then the refiner does image-to-image on its latents at refiner_strength")
+    refiner_strength: float = Field(0.3, gt=0.0, le=1.0, description="sdedit: the refiner's img2img strength")
     denoising_start: float | None = Field(None, gt=0.0, lt=1.0)
     denoising_end: float | None = Field(None, gt=0.0, lt=1.0)
     latents: Latents | None = None

@@ -250,7 +250,9 @@ function requestBody() {
   };
   if ($("refiner").value) {
     body.refiner = $("refiner").value;
-    body.refiner_switch_at = num("refiner_switch_at");
+    body.refiner_mode = $("refiner_mode").value;
+    if (body.refiner_mode === "sdedit") body.refiner_strength = num("refiner_strength");
+    else body.refiner_switch_at = num("refiner_switch_at");
   }
   // SDXL micro-conditioning: the API takes (height, width) and (top, left) pairs
   const orig = pair("original_h", "original_w");
@@ -454,7 +456,11 @@ function reuseSettings(s) {
   $("batch").value = 1;
   $("guidance_rescale").value = s.guidance_rescale || 0;
   $("refiner").value = s.refiner || "";
-  if (s.refiner) $("refiner_switch_at").value = s.refiner_switch_at;
+  if (s.refiner) {
+    $("refiner_mode").value = s.refiner_mode || "handoff";
+    if (s.refiner_switch_at != null) $("refiner_switch_at").value = s.refiner_switch_at;
+    if (s.refiner_strength != null) $("refiner_strength").value = s.refiner_strength;
+  }
   $("aesthetic_score").value = s.aesthetic_score ?? 6;
   $("negative_aesthetic_score").value = s.negative_aesthetic_score ?? 2.5;
   const [oh, ow] = s.original_size || ["", ""];
