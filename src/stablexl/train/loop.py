@@ -260,6 +260,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     sharded = any(_is_sharded(p) for m in raw.values() for p in m.parameters())
     ctx = Context(cfg, rank, world, device, models)
     opts: dict[str, torch.optim.Optimizer] = {}
+    kernel = _adam_kernel(device, sharded)
     for spec in task.optimizers():
         params = [p for k in spec.modules for p in raw[k].parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and norms (nanoGPT)
@@ -267,7 +268,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
         wd = cfg.weight_decay if spec.weight_decay is None else spec.weight_decay
         opts[spec.name] = torch.optim.AdamW(
             [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}],
-            lr=spec.lr or cfg.lr, betas=spec.betas or cfg.betas, **_adam_kernel(device, sharded))
+            lr=spec.lr or cfg.lr, betas=spec.betas or cfg.betas, **kernel)
     base_lrs = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
     ema_keys = getattr(task, "ema_modules", tuple(raw))  # e.g. the VAE but not its discriminator
     emas = {k: EMA(raw[k], cfg.ema_decay) for k in ema_keys} if cfg.ema_decay > 0 else {}
@@ -283,7 +284,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
         for name, o in opts.items():
             load_optimizer(o, name, _shard_optimizer_tensors(o, name, tensors), meta["optim"][name])
             for g in o.param_groups:  # the kernel is this machine's choice, not the saved run's
-                g.update(_adam_kernel(device, sharded))
+                g.update(kernel)
         for k, e in emas.items():
             pre = f"ema.{k}."
             e.load_state_tensors({pre + n: _like(tensors[pre + n], sh) for n, sh in e.shadow.items() if pre + n in tensors},
