@@ -210,6 +210,8 @@ def _add_train(sub) -> None:
         g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
         g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d['lr']})")
         g.add_argument("--warmup-steps", type=int, default=0, help="linear LR warm-up, then constant")
+        g.add_argument("--decay-steps", type=int, default=0,
+                       help="cosine LR decay to zero over the run's last N steps (0: constant to the end)")
         g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
         g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
         g.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay with warm-up; 0 = off (default {d['ema_decay']})")

@@ -252,3 +252,23 @@ def test_trained_unet_exports_to_the_official_layout_and_generates(shapes_data, 
     r = run(["generate", "a red circle", "--model", str(tmp_path / "single.safetensors"), "--steps", "2",
              "--output", str(tmp_path / "x.png")])
     assert r.returncode == 0, r.stderr
+
+
+def test_lr_schedule_warms_up_holds_then_decays_by_cosine():
+    from stablexl.cli import build_parser
+    from stablexl.train.loop import TrainConfig, lr_factor
+    from stablexl.train.run import train_config
+
+    cfg = TrainConfig(steps=100, warmup_steps=10, decay_steps=40)
+    f = [lr_factor(cfg, s) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0  # linear warm-up
+    assert f[10:61] == [1.0] * 51  # constant until the last 40 steps
+    assert f[80] == pytest.approx(0.5)  # half-way down the cosine
+    assert all(a > b for a, b in zip(f[60:], f[61:])) and 0 < f[99] < 0.01
+    # the constant part is the same in a longer run, so extending a run with --resume changes nothing before it
+    assert [lr_factor(TrainConfig(steps=150, warmup_steps=10, decay_steps=40), s) for s in range(61)] == f[:61]
+    assert [lr_factor(TrainConfig(steps=100, warmup_steps=10), s) for s in range(100)] == [min(1, (s + 1) / 10) for s in range(100)]
+    with pytest.raises(ValueError, match="decay steps"):
+        TrainConfig(steps=10, decay_steps=11)
+    a = build_parser().parse_args(["train", "unet", "--data", "d", "--output", "o", "--steps", "50", "--decay-steps", "20"])
+    assert train_config(a).decay_steps == 20

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -48,6 +49,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 1e-4
     warmup_steps: int = 0
+    decay_steps: int = 0  # cosine LR decay to zero over the run's last N steps (0: constant after warm-up)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
@@ -67,6 +69,19 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise ValueError(f"decay steps must be between 0 and the run's {self.steps} steps, got {self.decay_steps}")
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The LR multiplier of optimizer step `step` (0-based): linear warm-up, constant, then an optional cosine
+    decay over the last `decay_steps` steps ("warmup-stable-decay", Hägele et al. 2024, arXiv:2405.18392). The
+    constant part does not depend on the run's length, so a run extended with --resume matches a longer one."""
+    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    start = cfg.steps - cfg.decay_steps
+    if cfg.decay_steps and step >= start:
+        scale *= 0.5 * (1.0 + math.cos(math.pi * (step - start) / cfg.decay_steps))
+    return scale
 
 
 @dataclass
@@ -306,7 +321,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     step = start
     try:
         for step in range(start, cfg.steps):
-            lr_scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+            lr_scale = lr_factor(cfg, step)
             logs: dict[str, float] = {}
             used: set[str] = set()
             for micro in range(cfg.grad_accum):
