@@ -1,7 +1,7 @@
 """The SDXL paper's conditioning claims, measured on a miniature (docs/mini.md §6). Inference only.
 
     python scripts/mini_claims.py --model mini --clip mini --data /work/data/emoji --out docs/mini/claims \
-        [--parts size crop aspect cfg curve] [--states RUN_KEEP_DIR --vae VAE --clip-file CLIP]
+        [--parts size crop aspect cfg curve] [--states RUN_KEEP_DIR --vae VAE --clip-file CLIP] [--reuse OLD.json]
 
   size    original_size 16..64 at fixed seeds: sharpness (mean squared Laplacian) and pixel identity
           (Podell et al. 2023, §2.2 and Fig. 3)
@@ -127,10 +127,28 @@ def eval_state(state: Path, vae: str, clip_file: str, data: Path, clip, out: Pat
             "clip_score": g["clip"]["miniCLIP"]["score"], "sharpness": g.get("sharpness")}
 
 
-def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: Path, n: int) -> dict:
+def reusable_rows(paths: list[str], n: int) -> dict[str, dict]:
+    """Scores of training states measured before (curve / table2 rows of earlier claims.json files, same number
+    of prompts), keyed by the state file's resolved path: a state is a fixed file, so its scores do not change."""
+    found = {}
+    for p in paths:
+        for part in json.loads(Path(p).read_text()).values():
+            if isinstance(part, dict) and part.get("prompts") == n:
+                for row in part.get("rows", []):
+                    if "state" in row:
+                        found[str(Path(row["state"]).resolve())] = row
+    return found
+
+
+def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: Path, n: int,
+                reuse: dict[str, dict]) -> dict:
     rows = []
     for st in sorted(states.glob("state-*.safetensors")):
-        rows.append({"step": int(st.stem.split("-")[1]), **eval_state(st, vae, clip_file, data, clip, out, n)})
+        old = reuse.get(str(st.resolve()))
+        scores = {k: old[k] for k in ("identity", "fd", "top1", "clip_score", "sharpness") if k in old} if old \
+            else eval_state(st, vae, clip_file, data, clip, out, n)
+        rows.append({"step": int(st.stem.split("-")[1]), "state": str(st.resolve()), **scores,
+                     **({"reused": True} if old else {})})
         print(f"step {rows[-1]['step']}: {rows[-1]}", file=sys.stderr)
     if rows:
         plot_series({"pixel identity": [(r["step"], r["identity"]) for r in rows],
@@ -196,6 +214,8 @@ def main() -> int:
     p.add_argument("--vae", default=None)
     p.add_argument("--clip-file", default=None)
     p.add_argument("--runs", nargs="+", default=[], help="table2: NAME=STATE_FILE of each run")
+    p.add_argument("--reuse", nargs="+", default=[],
+                   help="curve: earlier claims.json files whose rows (with a 'state') are not measured again")
     p.add_argument("--markdown", action="store_true", help="print OUT/claims.json as the docs tables and stop")
     a = p.parse_args()
     out, data = Path(a.out), Path(a.data)
@@ -222,7 +242,8 @@ def main() -> int:
         elif part == "cfg":
             results[part] = cfg_claim(pipe, data, a.clip, out, a.eval_prompts)
         elif part == "curve":
-            results[part] = curve_claim(Path(a.states), a.vae, a.clip_file, data, a.clip, out, a.eval_prompts)
+            results[part] = curve_claim(Path(a.states), a.vae, a.clip_file, data, a.clip, out, a.eval_prompts,
+                                        reusable_rows(a.reuse, a.eval_prompts))
         elif part == "table2":
             results[part] = table2_claim(a.runs, a.vae, a.clip_file, data, a.clip, out, a.eval_prompts)
         else:
