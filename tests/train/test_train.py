@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stablexl.io.checkpoint import CheckpointError
-from stablexl.train.state import load_state
+from stablexl.train.state import load_state, save_state
 
 CLI = [sys.executable, "-m", "stablexl.cli"]
 UNET = ["train", "unet", "--model", "tiny-sdxl", "--batch-size", "4", "--sample-steps", "2", "--sample-prompt", "a red circle",
@@ -272,3 +272,32 @@ def test_lr_schedule_warms_up_holds_then_decays_by_cosine():
         TrainConfig(steps=10, decay_steps=11)
     a = build_parser().parse_args(["train", "unet", "--data", "d", "--output", "o", "--steps", "50", "--decay-steps", "20"])
     assert train_config(a).decay_steps == 20
+
+
+def test_fused_adamw_is_used_and_kept_after_resume(shapes_data, tmp_path, monkeypatch):
+    from stablexl.cli import main
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        seen.append({(g["fused"], g["foreach"]) for g in self.param_groups})
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    out = tmp_path / "run"
+    common = UNET + ["--data", str(shapes_data), "--output", str(out), "--checkpoint-every", "2", "--threads", "1"]
+    assert main(common + ["--steps", "2"]) == 0
+    state = out / "state-00000002.safetensors"
+    tensors, meta = load_state(state)
+
+    def as_before_session_6(x):  # states written before the fused kernel carry PyTorch's for-loop default
+        if isinstance(x, dict):
+            return {k: None if k in ("fused", "foreach") else as_before_session_6(v) for k, v in x.items()}
+        return [as_before_session_6(v) for v in x] if isinstance(x, list) else x
+
+    old = as_before_session_6(meta)
+    assert old != meta
+    save_state(state, tensors, old)
+    assert main(common + ["--steps", "3", "--resume"]) == 0
+    assert seen == [{(True, None)}] * 3  # the resumed step too: an old state must not bring back the slow kernel
