@@ -1,4 +1,4 @@
-"""The SDXL paper's conditioning claims, measured on a miniature (docs/mini.md §6). Inference only.
+"""The SDXL paper's conditioning claims, measured on a miniature (docs/mini.md §4). Inference only.
 
     python scripts/mini_claims.py --model mini --clip mini --data /work/data/emoji --out docs/mini/claims \
         [--parts size crop aspect cfg curve] [--states RUN_KEEP_DIR --vae VAE --clip-file CLIP] [--reuse OLD.json]

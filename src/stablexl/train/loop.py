@@ -76,7 +76,8 @@ class TrainConfig:
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """The LR multiplier of optimizer step `step` (0-based): linear warm-up, constant, then an optional cosine
     decay over the last `decay_steps` steps ("warmup-stable-decay", Hägele et al. 2024, arXiv:2405.18392). The
-    constant part does not depend on the run's length, so a run extended with --resume matches a longer one."""
+    constant part does not depend on the run's length, so a run extended (--resume --steps N) before its decay
+    began matches a longer one; extended after, its LR would jump back up."""
     scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     start = cfg.steps - cfg.decay_steps
     if cfg.decay_steps and step >= start:
