@@ -286,7 +286,8 @@ def test_fused_adamw_is_used_and_kept_after_resume(shapes_data, tmp_path, monkey
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     out = tmp_path / "run"
-    common = UNET + ["--data", str(shapes_data), "--output", str(out), "--checkpoint-every", "2", "--threads", "1"]
+    # in-process, so no --threads: it would set this pytest process's thread count for every later test
+    common = UNET + ["--data", str(shapes_data), "--output", str(out), "--checkpoint-every", "2"]
     assert main(common + ["--steps", "2"]) == 0
     state = out / "state-00000002.safetensors"
     tensors, meta = load_state(state)
