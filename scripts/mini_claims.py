@@ -144,10 +144,11 @@ def curve_claim(states: Path, vae: str, clip_file: str, data: Path, clip, out: P
                 reuse: dict[str, dict]) -> dict:
     rows = []
     for st in sorted(states.glob("state-*.safetensors")):
-        old = reuse.get(str(st.resolve()))
+        path = str(st.resolve())
+        old = reuse.get(path)
         scores = {k: old[k] for k in ("identity", "fd", "top1", "clip_score", "sharpness") if k in old} if old \
             else eval_state(st, vae, clip_file, data, clip, out, n)
-        rows.append({"step": int(st.stem.split("-")[1]), "state": str(st.resolve()), **scores,
+        rows.append({"step": int(st.stem.split("-")[1]), "state": path, **scores,
                      **({"reused": True} if old else {})})
         print(f"step {rows[-1]['step']}: {rows[-1]}", file=sys.stderr)
     if rows:
