@@ -196,8 +196,8 @@ def test_base_then_refiner_as_sdedit_matches_diffusers(sdxl_folder, refiner_fold
     print(f"base then refiner as SDEdit (strength 0.3, aesthetic {scores}): latent rel err {err:.2e}")
     assert err <= 1e-4
     assert len(got.images) == 2
-    assert got.settings["model"] == base.name and got.settings["refiner"] == refiner.name
-    assert got.settings["refiner_mode"] == "sdedit" and got.settings["refiner_strength"] == 0.3
+    assert got.request.model == base.name and got.request.handoff.refiner == refiner.name
+    assert got.request.handoff.mode == "sdedit" and got.request.handoff.refiner_strength == 0.3
 
 
 def test_refiner_img2img_on_an_image_matches_diffusers(refiner_folder, init_image):
@@ -211,8 +211,8 @@ def test_refiner_img2img_on_an_image_matches_diffusers(refiner_folder, init_imag
     got = Pipeline.from_pretrained(refiner_folder)("a red apple", init_image=init_image, steps=10, cfg=5.0, seed=8,
                                                    sampler="euler", schedule="leading")
     err = R.rel_err(got.latents, want)
-    print(f"refiner img2img on an image (default strength {got.settings['strength']}): latent rel err {err:.2e}")
-    assert got.settings["strength"] == 0.3
+    print(f"refiner img2img on an image (default strength {got.request.image.strength}): latent rel err {err:.2e}")
+    assert got.request.image.strength == 0.3
     assert err <= 1e-4
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -47,46 +48,89 @@ def _output_paths(output: str, n: int) -> list[str]:
     return [f"{stem}-{k}.{ext}" if dot else f"{output}-{k}" for k in range(n)]
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .io.metadata import generation_infotext, save_png
-    from .pipeline import Pipeline
+# GenerationRequest paths -> the `generate` flags, for error messages
+FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg": "--cfg",
+         "seed": "--seed", "width": "--width", "height": "--height", "sampler": "--sampler", "schedule": "--schedule",
+         "batch": "--batch", "iterations": "--n-iter", "guidance_rescale": "--guidance-rescale", "model": "--model",
+         "image.image": "--init-image", "image.strength": "--strength", "image.mask": "--mask",
+         "image.mask_blur": "--mask-blur", "handoff.refiner": "--refiner", "handoff.switch_at": "--switch-at",
+         "handoff.mode": "--refiner-mode", "handoff.refiner_strength": "--refiner-strength",
+         "image_prompt": "--image-prompt", "image_prompt.image": "--image-prompt",
+         "image_prompt.noise_level": "--noise-level", "vae_tile": "--vae-tile",
+         "conditions.original_size": "--original-size", "conditions.crop": "--crop",
+         "conditions.target_size": "--target-size", "conditions.aesthetic_score": "--aesthetic-score",
+         "conditions.negative_aesthetic_score": "--negative-aesthetic-score"}
+
+
+def request_from_args(args: argparse.Namespace):
+    """The `generate` flags -> a GenerationRequest (the CLI's one translation)."""
+    from .request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions, RequestError
 
     if args.mask and not args.init_image:
-        raise ValueError("--mask needs --init-image (the picture to inpaint)")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, memory=args.memory)
-    for note in pipe.parts.notes:
-        print(note)
-    kwargs = dict(
-        steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, sampler=args.sampler,
-        schedule=args.schedule, batch=args.batch, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
-        callback=None if args.quiet else ProgressBar("generate"),
+        raise RequestError("image.mask", "a mask needs an init image (the picture to inpaint)")
+    pair = lambda v: tuple(v) if v else None  # noqa: E731
+    return GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        width=args.width, height=args.height, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
+        iterations=args.n_iter, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
+        conditions=MicroConditions(original_size=pair(args.original_size), crop=pair(args.crop) or (0, 0),
+                                   target_size=pair(args.target_size), aesthetic_score=args.aesthetic_score,
+                                   negative_aesthetic_score=args.negative_aesthetic_score),
+        image=ImageInput(args.init_image, strength=args.strength, mask=args.mask, mask_blur=args.mask_blur)
+        if args.init_image else None,
+        image_prompt=ImagePrompt(args.image_prompt, args.noise_level) if args.image_prompt else None,
+        handoff=Handoff(refiner=args.refiner, switch_at=args.switch_at, mode=args.refiner_mode,
+                        refiner_strength=args.refiner_strength),
     )
-    if pipe.config.family.startswith("sdxl"):
-        kwargs.update(original_size=tuple(args.original_size) if args.original_size else None,
-                      crop=tuple(args.crop) if args.crop else (0, 0),
-                      target_size=tuple(args.target_size) if args.target_size else None)
-    if args.image_prompt:
-        kwargs.update(image_prompt=args.image_prompt, noise_level=args.noise_level)
-    if args.init_image:
-        kwargs.update(init_image=args.init_image, strength=args.strength, mask=args.mask, mask_blur=args.mask_blur)
-    if args.refiner:
-        refiner = Pipeline.from_pretrained(args.refiner, dtype=args.dtype, memory=args.memory)
-        result = pipe.refine(refiner, args.prompt, args.negative_prompt, switch_at=args.switch_at,
-                             mode=args.refiner_mode, refiner_strength=args.refiner_strength,
-                             aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                             **kwargs)
-    else:
-        if pipe.config.family == "sdxl-refiner":
-            kwargs.update(aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score)
-        result = pipe(args.prompt, args.negative_prompt, **kwargs)
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """The loading flags shared by generate, serve and eval -> Pipeline.from_pretrained keywords."""
+    return dict(device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile, vae=args.vae)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .io.metadata import save_png
+    from .pipeline import Pipeline
+    from .request import RequestError
+
+    try:
+        request = request_from_args(args)
+        pipe = Pipeline.from_pretrained(args.model, memory=args.memory, **load_options(args))
+        for note in pipe.parts.notes:
+            print(note)
+        refiner = None
+        if args.refiner:
+            refiner = Pipeline.from_pretrained(args.refiner, memory=args.memory, **load_options(args))
+            request = request.replace(handoff=dataclasses.replace(request.handoff, refiner=refiner.name))
+        result = pipe.generate(request, refiner=refiner, callback=None if args.quiet else ProgressBar("generate"))
+    except RequestError as e:
+        raise ValueError(f"{FLAGS.get(e.field, e.field)}: {e.message}") from None
     for note in result.notes[len(pipe.parts.notes):]:
         print(note)
     for k, (img, path) in enumerate(zip(result.images, _output_paths(args.output, len(result.images)))):
-        save_png(img, path, generation_infotext(result.settings, k))
+        save_png(img, path, result.infotext(k))
         print(f"wrote {path} (seed {result.seeds[k]})")
     return 0
+
+
+def add_load_options(p: argparse.ArgumentParser, *, vae: bool = True, repeat_device: bool = False) -> None:
+    """--device --dtype --offload --compile (--vae): where and how the model runs (docs: README "Devices")."""
+    if repeat_device:
+        p.add_argument("--device", action="append", default=None,
+                       help="auto | cpu | cuda | cuda:N | mps; repeat to serve from several GPUs (a worker per model "
+                            "and device; default: auto)")
+    else:
+        p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="compute dtype; auto: fp16 on CUDA/MPS, fp32 on the CPU (the stored dtype never decides)")
+    p.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
+                   help="GPU memory: model = each component on the GPU only for its phase; sequential = weights "
+                        "streamed layer by layer (slowest, least memory)")
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first call)")
+    if vae:
+        p.add_argument("--vae", default=None,
+                       help="a separate VAE (file or diffusers folder) instead of the checkpoint's, e.g. an fp16-safe one")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,7 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
     serve(ServeConfig(models=args.model or ["mini"], host=args.host, port=args.port, api_key=args.api_key,
                       max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                       max_batch=args.max_batch, queue_size=args.queue_size, job_ttl=args.job_ttl,
-                      preview=args.preview, dtype=args.dtype))
+                      preview=args.preview, devices=args.device or ["auto"], dtype=args.dtype,
+                      offload=args.offload, compile=args.compile, vae=args.vae))
     return 0
 
 
@@ -131,7 +176,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--job-ttl", type=float, default=600.0, help="seconds a finished job stays retrievable")
     s.add_argument("--preview", choices=["approx", "full", "none"], default="approx",
                    help="live preview: linear latent->RGB fit, full VAE decode, or none")
-    s.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
+    add_load_options(s, repeat_device=True)
     s.set_defaults(func=_serve)
 
 
@@ -298,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's resolution)")
     g.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's resolution)")
     g.add_argument("--batch", type=int, default=1, help="images per prompt")
+    g.add_argument("--n-iter", type=int, default=1, help="batches run one after another (seeds continue)")
     g.add_argument("--init-image", default=None, help="image-to-image: the starting picture")
     g.add_argument("--strength", type=float, default=None,
                    help="image-to-image: share of the schedule re-run (0-1]; default 0.3 SDXL, 0.8 SD, 1.0 inpaint UNets")
@@ -322,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5, help="refiner conditioning")
     g.add_argument("--vae-tile", type=int, default=None,
                    help="decode in overlapping tiles of this many latents (64 = 512 px) to bound memory on large images")
-    g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="compute dtype (default: stored)")
+    add_load_options(g)
     g.add_argument("--memory", choices=["keep", "low"], default="keep",
                    help="low: file-backed weights leave RAM after each use (one component resident at a time)")
     g.add_argument("--output", default="output.png", help="PNG path; with --batch N, -0 -1 ... are appended")

@@ -76,6 +76,8 @@ class VAEConfig:
     latent_channels: int = 4
     norm_groups: int = 32
     scaling_factor: float = 0.18215  # 0.13025 for SDXL
+    # Overflows in fp16, so decodes in fp32 under fp16 compute (diffusers `force_upcast`; false for fp16-fix VAEs)
+    force_upcast: bool = True
 
     @property
     def downsample_factor(self) -> int:
@@ -155,6 +157,24 @@ class UnCLIPConfig:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """How a model is meant to be sampled when a request leaves these unset: part of what the model is
+    (distilled students want 1-4 trailing steps without CFG, the miniature was evaluated with DPM++ 2M
+    Karras), stored with the model's config, never keyed on its name."""
+
+    steps: int = 30
+    cfg: float = 7.5
+    sampler: str = "euler"
+    schedule: str = "leading"
+
+    @staticmethod
+    def for_family(family: str) -> "SamplingDefaults":
+        """The peers' usual defaults for a model that declares none: diffusers' Euler (leading spacing)
+        with 30 steps; CFG 5 for SDXL (diffusers' SDXL docs), 7.5 for SD 1.x/2.x."""
+        return SamplingDefaults(cfg=5.0 if family.startswith("sdxl") else 7.5)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a pipeline's networks: the components plus how they are wired."""
 
@@ -168,6 +188,12 @@ class ModelConfig:
     unclip: UnCLIPConfig | None = None
     # Trained on a schedule rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1); v-prediction models only.
     zero_terminal_snr: bool = False
+    # None: SamplingDefaults.for_family(family); see `sampling_defaults`
+    sampling: SamplingDefaults | None = None
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        return self.sampling or SamplingDefaults.for_family(self.family)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,7 +226,7 @@ def _build(cls: type, d: dict[str, Any]):
     kwargs: dict[str, Any] = {}
     nested = {
         "unet": UNetConfig, "vae": VAEConfig, "config": CLIPTextConfig, "vision": CLIPVisionConfig,
-        "unclip": UnCLIPConfig,
+        "unclip": UnCLIPConfig, "sampling": SamplingDefaults,
     }
     for name, value in d.items():
         if name == "text_encoders":
@@ -333,8 +359,12 @@ MINI_TEXT_L = CLIPTextConfig(width=64, layers=3, heads=2, mlp_dim=256, activatio
 MINI_TEXT_G = CLIPTextConfig(width=128, layers=3, heads=4, mlp_dim=512, activation="gelu", projection_dim=128)
 MINI_VISION = CLIPVisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp_dim=512,
                                activation="gelu", projection_dim=128)
+# What the shipped miniature is evaluated with (docs/mini.md)
+MINI_SAMPLING = SamplingDefaults(steps=30, cfg=5.0, sampler="dpmpp_2m", schedule="karras")
+# SDXL-Turbo / SD-Turbo (ADD students): 1-4 steps, trailing spacing, no CFG (Sauer et al. 2023, model card)
+TURBO_SAMPLING = SamplingDefaults(steps=1, cfg=0.0, sampler="euler_ancestral", schedule="trailing")
 MINI = ModelConfig(
-    name="mini", family="sdxl-base", resolution=64,
+    name="mini", family="sdxl-base", resolution=64, sampling=MINI_SAMPLING,
     vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025),
     unet=UNetConfig(
         model_channels=64, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2), mid_transformer_depth=2,
@@ -351,7 +381,7 @@ PRESETS: dict[str, ModelConfig] = {
     for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER,
               TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI)
 }
-PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512)
+PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512, sampling=TURBO_SAMPLING)
 
 
 def preset(name: str) -> ModelConfig:

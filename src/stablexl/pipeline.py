@@ -7,9 +7,12 @@ inpainting and the refiner hand-off are other initial latents / σ slices / mask
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
 import math
 import os
-import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -20,18 +23,23 @@ from PIL import Image
 from torch import Tensor
 
 from .config import PRESETS, ModelConfig
+from .device import check_offload, empty_cache, is_out_of_memory, resolve_device, resolve_dtype, stream_weights, vae_dtype
 from .diffusion.denoiser import Denoiser
 from .diffusion.guidance import guided
-from .diffusion.samplers import SAMPLERS, resolve_sampler
-from .diffusion.schedule import SPACINGS, NoiseSchedule, make_sigmas
+from .diffusion.samplers import SAMPLERS
+from .diffusion.schedule import NoiseSchedule, make_sigmas
 from .memory import MemoryPolicy, release, reuse_freed_memory, trim
 from .models.conditioning import Conditioning, encode_text, refiner_vector, sdxl_vector, unclip_vector
 from .models.parts import ModelParts, build_parts
 from .models.tokenizer import CLIPTokenizer, default_tokenizer
 from .prompts import encode_prompts_weighted, needs_weighting
 from .models.vae import decode_latents
+from .request import (  # noqa: F401  (load_image: re-exported)
+    GenerationRequest, Handoff, ImageInput, Limits, MicroConditions, load_image, request_from_flat, resolve,
+)
 
 EULER_FAMILY = {"euler", "euler_ancestral", "heun", "lcm"}
+log = logging.getLogger("stablexl")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,11 +95,18 @@ def initial_noise_scale(sampler: str, schedule: str, sigma0: float) -> float:
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
-    latents: Tensor  # (B, 4, h, w) final latents, scaled as the UNet sees them
+    latents: Tensor  # (B, 4, h, w) final latents, scaled as the UNet sees them (on the pipeline's device)
     seeds: list[int]
-    settings: dict = field(default_factory=dict)
+    request: GenerationRequest | None = None  # the resolved request: every setting as it was run
     notes: list[str] = field(default_factory=list)
     noise: "SeededNoise | None" = None  # the generators, to continue them in a refiner stage
+    model_hash: str | None = None  # A1111's "Model hash" of the (base) model, for the infotext
+
+    def infotext(self, index: int) -> str:
+        """The A1111 `parameters` text of image `index` (what every PNG we write carries)."""
+        from .io.metadata import generation_infotext
+
+        return generation_infotext(self.request, index, model_hash=self.model_hash)
 
 
 def latents_to_images(t: Tensor) -> list[Image.Image]:
@@ -99,20 +114,17 @@ def latents_to_images(t: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def _defaults(config: ModelConfig) -> dict:
-    if config.name == "mini":  # what the shipped miniature is evaluated with (docs/mini.md)
-        return {"steps": 30, "cfg": 5.0, "sampler": "dpmpp_2m", "schedule": "karras"}
-    if config.name == "sdxl-turbo":
-        return {"steps": 1, "cfg": 0.0, "sampler": "euler_ancestral", "schedule": "trailing"}
-    return {"steps": 30, "cfg": 5.0 if config.family.startswith("sdxl") else 7.5, "sampler": "euler", "schedule": "leading"}
-
-
 class Pipeline:
     def __init__(self, parts: ModelParts, tokenizer: CLIPTokenizer | None = None, name: str | None = None,
-                 memory: MemoryPolicy | str | None = None):
+                 memory: MemoryPolicy | str | None = None, *, device: str | torch.device = "cpu",
+                 offload: str = "none", compile: bool = False):
+        """Wire loaded parts. `device` is where they compute (they are moved there unless offloaded); the
+        compute dtype is the UNet's. Use `from_pretrained` to choose device and dtype by name."""
         if parts.config.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "sd2-unclip"):
             raise ValueError(f"no pipeline for model family {parts.config.family!r}")
         self.parts = parts
+        self.device = resolve_device(device)
+        self.offload = check_offload(offload)
         # Random and zeroed conditioning drive activations into subnormal floats, which x86 CPUs process
         # up to ~50x slower (measured: 1.9 s -> 0.037 s per tiny UNet call). Flushing them to zero changes
         # results only below 1e-38. This is a per-process CPU flag; set here, where inference starts.
@@ -121,19 +133,54 @@ class Pipeline:
         self.tokenizer = tokenizer or default_tokenizer()
         self.name = name or parts.config.name
         self.schedule = NoiseSchedule.ddpm(zero_terminal_snr=parts.config.zero_terminal_snr)
-        self.defaults = _defaults(parts.config)
         self.memory = MemoryPolicy.named(memory)
+        home = torch.device("cpu") if self.offload != "none" else self.device
+        for m in parts.modules().values():
+            m.to(home)
+        if self.offload == "sequential":
+            for m in parts.modules().values():
+                stream_weights(m, self.device)
+        self.compiled = bool(compile)
+        if self.compiled:  # in place, so the module keeps its identity (hooks, reusing_context, state_dict)
+            parts.unet.compile()
         self._release(*parts.modules().values())  # the loader's NaN check touched every weight
-
-    def _release(self, *modules) -> None:
-        """Under a `release_after_use` policy, file-backed weights of these modules leave RAM until next used."""
-        if self.memory.release_after_use:
-            release(*modules)
-            trim()  # and the activations' freed heap memory
 
     @property
     def config(self) -> ModelConfig:
         return self.parts.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the UNet's)."""
+        return self.parts.unet.dtype
+
+    @property
+    def defaults(self) -> dict:
+        """The model's sampling defaults (its config's `sampling`, else its family's)."""
+        return dataclasses.asdict(self.config.sampling_defaults)
+
+    def _release(self, *modules) -> None:
+        """Under a `release_after_use` policy, file-backed weights of these modules leave RAM until next used."""
+        if self.memory.release_after_use:
+            release(*[m for m in modules if m is not None])
+            trim()  # and the activations' freed heap memory
+
+    @contextmanager
+    def _phase(self, *modules):
+        """One phase of a generation (text, denoise, decode): with model offload its modules are on the device
+        only inside; afterwards the memory policy may release them."""
+        modules = [m for m in modules if m is not None]
+        if self.offload == "model":
+            for m in modules:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload == "model":
+                for m in modules:
+                    m.to("cpu")
+                empty_cache(self.device)
+            self._release(*modules)
 
     @property
     def model_hash(self) -> str | None:
@@ -146,19 +193,30 @@ class Pipeline:
             return None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                        memory: MemoryPolicy | str | None = None, **load_kwargs) -> "Pipeline":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device = "auto",
+                        dtype: str | torch.dtype | None = "auto", memory: MemoryPolicy | str | None = None,
+                        offload: str = "none", compile: bool = False, vae: str | os.PathLike | None = None,
+                        allow_pickle: bool = False, variant: str | None = None, prediction: str | None = None,
+                        config: ModelConfig | None = None) -> "Pipeline":
         """A checkpoint path / diffusers folder / HF cache id, "mini" (the shipped miniature, trained on emoji
-        art), or a `tiny-*` preset (random weights, for tests)."""
+        art), or a `tiny-*` preset (random weights, for tests).
+
+        `device`: auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps. `dtype`: auto (fp16 on CUDA/MPS,
+        fp32 on the CPU, whatever the file stores) | fp32 | fp16 | bf16. `offload`: none | model | sequential
+        (GPU memory modes). `compile`: run the UNet through torch.compile. `vae`: a separate VAE (file or
+        diffusers folder) instead of the checkpoint's, as A1111's sd_vae."""
         from .io.models import load_model
 
+        dev = resolve_device(device)
+        compute = resolve_dtype(dtype, dev)
+        offload = check_offload(offload)
+        load_device = dev if offload == "none" else torch.device("cpu")
         name = str(name_or_path)
         if name == "mini" and not os.path.exists(name):  # the shipped miniature (stablexl/assets/mini)
-            from .io.checkpoint import parse_dtype
             from .mini.weights import load_mini_parts
 
-            return cls(load_mini_parts(dtype=parse_dtype(dtype) if dtype is not None else torch.float32), name="mini")
-        if name in PRESETS and not os.path.exists(name):
+            parts = load_mini_parts(dtype=compute)
+        elif name in PRESETS and not os.path.exists(name):
             if not name.startswith("tiny-"):
                 raise ValueError(f"preset {name!r} names an architecture, not weights; pass the path of its checkpoint "
                                  "(.safetensors file or diffusers folder)")
@@ -166,15 +224,213 @@ class Pipeline:
                 torch.manual_seed(0)
                 parts = build_parts(PRESETS[name], device="cpu").eval()
             parts.notes.append(f"{name}: randomly initialised weights (seed 0), not a trained model")
-            if dtype is not None:
-                from .io.checkpoint import parse_dtype
+            parts.to(compute)
+        else:
+            policy = MemoryPolicy.named(memory)
+            parts = load_model(name_or_path, dtype=compute, device=load_device, allow_pickle=allow_pickle,
+                               variant=variant, prediction=prediction, config=config,
+                               after_check=release if policy.release_after_use else None)
+            name = os.path.basename(os.path.normpath(name))
+        if vae is not None:
+            from .io.models import load_vae
 
-                parts.to(parse_dtype(dtype))
-            return cls(parts, name=name, memory=memory)
-        policy = MemoryPolicy.named(memory)
-        parts = load_model(name_or_path, dtype=dtype, after_check=release if policy.release_after_use else None,
-                           **load_kwargs)
-        return cls(parts, name=os.path.basename(os.path.normpath(name)), memory=policy)
+            parts.vae = load_vae(vae, vae_config=parts.config.vae, dtype=compute, device=load_device)
+            parts.notes.append(f"VAE from {vae}")
+        parts.vae.to(vae_dtype(compute, parts.vae.config.force_upcast))
+        return cls(parts, name=name, memory=memory, device=dev, offload=offload, compile=compile)
+
+    # ----------------------------------------------------------------------------------------------
+    # Generating: a request in, images out
+    # ----------------------------------------------------------------------------------------------
+
+    def resolve(self, request: GenerationRequest, refiner: "Pipeline | None" = None,
+                limits: Limits | None = None) -> GenerationRequest:
+        """`request` with this model's defaults filled in and every check applied (RequestError otherwise)."""
+        return resolve(request, self.config, name=self.name, refiner_config=None if refiner is None else refiner.config,
+                       limits=limits)
+
+    @torch.no_grad()
+    def generate(self, request: GenerationRequest, *, refiner: "Pipeline | None" = None,
+                 callback: Callable[[int, int, Tensor, Tensor], None] | None = None) -> GenerationResult:
+        """Run one request: text-to-image, image-to-image (`request.image`), inpainting (with a mask), the
+        base -> refiner hand-off (`request.handoff`, with `refiner` the refiner's pipeline) and unCLIP
+        variations (`request.image_prompt`). `callback(i, n, x, x0)` is called after every sampler step."""
+        req = self.resolve(request, refiner)
+        runs = []
+        for it in range(req.iterations):
+            seeds = req.seeds(it)
+            if req.handoff.refiner is not None:
+                runs.append(self._refine(refiner, req, seeds, callback))
+            else:
+                runs.append(self._run(req, seeds, callback=callback))
+        notes = list(self.parts.notes)
+        for r in runs:
+            notes += [n for n in r.notes if n not in notes]
+        images = [img for r in runs for img in r.images]
+        return GenerationResult(images, torch.cat([r.latents for r in runs]), [s for r in runs for s in r.seeds],
+                                req, notes, noise=runs[-1].noise, model_hash=self.model_hash if images else None)
+
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
+                 refiner: "Pipeline | None" = None, **options) -> GenerationResult:
+        """The keyword spelling of `generate`: `pipe("a red apple", steps=20, init_image=img, strength=0.5)`.
+        Every option of `GenerationRequest` is accepted by its name; the grouped ones by their flat names
+        (`init_image strength mask mask_blur`, `original_size crop target_size aesthetic_score ...`,
+        `latents denoising_start denoising_end`, `image_prompt noise_level`)."""
+        if refiner is not None:
+            if not isinstance(refiner, Pipeline):
+                raise TypeError(f"refiner must be the refiner's Pipeline, got {type(refiner).__name__}")
+            options.setdefault("refiner", refiner.name)
+        request = request_from_flat(prompt, negative_prompt, **options)
+        return self.generate(request, refiner=refiner, callback=callback)
+
+    def refine(self, refiner: "Pipeline", prompt, negative_prompt=None, *, switch_at: float = 0.8,
+               mode: str = "handoff", refiner_strength: float = 0.3, **options) -> GenerationResult:
+        """Base -> refiner, in one of the two ways the SDXL report describes (§2.5, Fig. 1):
+
+        - `mode="handoff"`, the "ensemble of expert denoisers": the base runs the first `switch_at` of the
+          schedule and the refiner the rest, on the same σ grid and noise (diffusers `denoising_end` /
+          `denoising_start`; A1111's "Refiner switch at").
+        - `mode="sdedit"`: the base runs its whole schedule, then the refiner does image-to-image on the
+          base's latents at `refiner_strength` (SDEdit; diffusers' base latents into
+          `StableDiffusionXLImg2ImgPipeline`, whose default strength is 0.3). Each seed's noise stream
+          continues from the base, as when one generator is passed to both diffusers pipelines.
+        `aesthetic_score` / `negative_aesthetic_score` go to the refiner, everything else to the base."""
+        return self(prompt, negative_prompt, refiner=refiner, switch_at=switch_at, refiner_mode=mode,
+                    refiner_strength=refiner_strength, **options)
+
+    def _refine(self, refiner: "Pipeline", req: GenerationRequest, seeds: list[int], callback) -> GenerationResult:
+        """One iteration of a resolved request with a named refiner: the base stage, then the refiner's."""
+        h = req.handoff
+        mc = req.conditions
+        if h.mode == "handoff":
+            base = self._run(req.replace(handoff=Handoff(denoising_end=h.switch_at), output_type="latent"), seeds,
+                             callback=callback)
+            stage = Handoff(latents=base.latents, denoising_start=h.switch_at)
+            image = None
+        else:
+            base = self._run(req.replace(handoff=Handoff(), output_type="latent"), seeds, callback=callback)
+            stage, image = Handoff(), ImageInput(base.latents, strength=h.refiner_strength)
+        # The refiner stage sees the base's settings but its own default size conditions (diffusers' second
+        # pipeline call), plus the aesthetic scores that only it is conditioned on.
+        stage_req = GenerationRequest(
+            prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg=req.cfg, seed=seeds[0],
+            sampler=req.sampler, schedule=req.schedule, batch=req.batch, guidance_rescale=req.guidance_rescale,
+            conditions=MicroConditions(aesthetic_score=mc.aesthetic_score,
+                                       negative_aesthetic_score=mc.negative_aesthetic_score),
+            image=image, handoff=stage, vae_tile=req.vae_tile)
+        out = refiner._run(refiner.resolve(stage_req), seeds, noise=base.noise, callback=callback)
+        return GenerationResult(out.images, out.latents, seeds, req, base.notes + out.notes, noise=out.noise)
+
+    def _run(self, req: GenerationRequest, seeds: list[int], *, noise: SeededNoise | None = None,
+             callback=None) -> GenerationResult:
+        """One batch of a resolved request through the one denoise loop."""
+        cfg_model = self.config
+        f = cfg_model.vae.downsample_factor
+        width, height = req.width, req.height
+        dev = self.device
+        image_t = mask_t = init_latents = None
+        image_in, h, mc = req.image, req.handoff, req.conditions
+        strength = None
+        if image_in is not None:
+            strength = image_in.strength
+            if isinstance(image_in.image, Tensor):  # latents, e.g. a base model's output for the refiner as SDEdit
+                init_latents = image_in.image.to(dev, torch.float32)
+            else:
+                image_t = image_to_tensor(image_in.image, width, height).to(dev)
+                if image_in.mask is not None:
+                    mask_t = mask_to_tensor(image_in.mask, width, height, image_in.mask_blur).to(dev)
+
+        noise = noise or SeededNoise(seeds, (cfg_model.unet.out_channels, height // f, width // f), device=dev)
+        with self._phase(*self.parts.text_encoders, self.parts.image_encoder):
+            cond, uncond = self.encode_prompt(
+                list(req.prompts), None if req.negative_prompts is None else list(req.negative_prompts),
+                size=(height, width), original_size=mc.original_size, crop=mc.crop, target_size=mc.target_size,
+                aesthetic_score=mc.aesthetic_score, negative_aesthetic_score=mc.negative_aesthetic_score,
+                negative_original_size=mc.negative_original_size, negative_crop=mc.negative_crop,
+                negative_target_size=mc.negative_target_size,
+            )
+            if cfg_model.family == "sd2-unclip":  # drawn before the initial latent, as diffusers does
+                cond, uncond = self._image_conditioning(cond, uncond, req.image_prompt, noise)
+        # DDIM's last step lands on ᾱ_0 (σ_min), not ᾱ = 1, in both CompVis DDIM and diffusers with the SD
+        # scheduler configs (`set_alpha_to_one: false`); every other sampler ends at σ = 0.
+        final = self.schedule.sigma_min if req.sampler == "ddim" else 0.0
+        sigmas_full = make_sigmas(self.schedule, req.steps, req.schedule, final=final)
+        first, last = self.step_range(req.steps, sigmas_full, strength, h.denoising_start, h.denoising_end)
+        sigmas = sigmas_full[first:last + 1]
+
+        # Initial latent: the order of generator draws follows diffusers (posterior sample, then noise).
+        concat = image_latents = first_noise = None
+        with self._phase(self.parts.vae if image_t is not None else None):
+            if h.latents is not None:  # hand-off: continue from a VE-form latent at sigmas[0]
+                x = h.latents.to(dev, torch.float32)
+            elif init_latents is not None:  # diffusers img2img with 4-channel `image`: no VAE encode
+                image_latents = init_latents.expand(len(seeds), -1, -1, -1)
+                x = image_latents + noise() * float(sigmas[0])
+            elif image_t is not None and (cfg_model.unet.in_channels == 4 or strength < 1.0):
+                image_latents = self.encode_image(image_t, noise)
+                first_noise = noise()
+                if mask_t is not None and strength == 1.0:  # inpainting at full strength starts from pure noise
+                    x = first_noise * initial_noise_scale(req.sampler, req.schedule, float(sigmas[0]))
+                else:
+                    x = image_latents + first_noise * float(sigmas[0])
+            else:
+                first_noise = noise()
+                x = first_noise * initial_noise_scale(req.sampler, req.schedule, float(sigmas[0]))
+            if mask_t is not None and cfg_model.unet.in_channels == 9:
+                masked = image_t * (mask_t < 0.5)
+                masked_latents = self.encode_image(masked, noise)
+                small = F.interpolate(mask_t, size=(height // f, width // f))  # nearest, as diffusers
+                concat = torch.cat([small.expand(len(seeds), -1, -1, -1), masked_latents], dim=1)
+
+        unet = self.parts.unet
+        # Euler-family samplers feed the UNet fractional timesteps t(σ) (diffusers' Euler schedulers);
+        # the others round t to the training grid (diffusers DPM-Solver, k-diffusion, ComfyUI).
+        denoiser = Denoiser(unet, self.schedule, cfg_model.prediction, concat=concat,
+                            quantize_t=req.sampler not in EULER_FAMILY)
+        model = guided(denoiser, cond.to(dev, unet.dtype), uncond.to(dev, unet.dtype), req.cfg, req.guidance_rescale)
+        step_fn = callback
+        if mask_t is not None and cfg_model.unet.in_channels == 4:
+            step_fn = _blend_known_region(F.interpolate(mask_t, size=(height // f, width // f)), image_latents,
+                                          first_noise, sigmas, callback)
+        with self._phase(unet), (contextlib.nullcontext() if self.compiled else unet.reusing_context()):
+            x = denoise(model, x, sigmas, req.sampler, noise, step_fn)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("sampling produced NaN/inf latents; try fp32 (--dtype fp32), a lower CFG or "
+                                     "another sampler")
+        notes = list(self.parts.notes)
+        if float(sigmas[-1]) > final:
+            # stopped early (hand-off): return the VE-form latent at sigmas[-1] for the next stage
+            return GenerationResult([], x, seeds, req, notes, noise=noise)
+        x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
+        if req.output_type == "latent":
+            return GenerationResult([], x, seeds, req, notes, noise=noise)
+        with self._phase(self.parts.vae):
+            dec = self._decode(x, req.vae_tile)
+        if dec.upcast:
+            notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
+        images = dec.images
+        if mask_t is not None:  # keep unmasked pixels exactly (the VAE round trip would alter them)
+            images = image_t * (1 - mask_t) + images * mask_t
+        return GenerationResult(latents_to_images(images), x, seeds, req, notes, noise=noise)
+
+    def _decode(self, x: Tensor, tile: int | None):
+        """VAE decode; on an out-of-memory error, retried in tiles of 64 then 32 latents (512 / 256 px)."""
+        tiles = [tile] + [t for t in (64, 32) if tile is None or t < tile]
+        for k, t in enumerate(tiles):
+            try:
+                return decode_latents(self.parts.vae, x, tile=t)  # tile: latent tile side, e.g. 64 = 512 px
+            except Exception as e:  # noqa: BLE001 - only allocation failures are retried
+                if not is_out_of_memory(e):
+                    raise
+                empty_cache(self.device)
+                if k == len(tiles) - 1 or max(x.shape[-2:]) <= tiles[k + 1]:
+                    raise MemoryError(f"the VAE decode of a {x.shape[-1] * 8}x{x.shape[-2] * 8} image ran out of "
+                                      f"memory on {self.device} even in tiles of {t or 'the whole image'} latents; "
+                                      "use a smaller size or batch, --offload model, or the CPU") from None
+                log.warning("VAE decode ran out of memory on %s; retrying in tiles of %d latents", self.device,
+                            tiles[k + 1])
+        raise AssertionError("unreachable")
 
     # ----------------------------------------------------------------------------------------------
 
@@ -220,13 +476,6 @@ class Pipeline:
             vec = uvec = None
         return Conditioning(ctx, vec), Conditioning(uctx, uvec)
 
-    def check_size(self, width: int, height: int) -> None:
-        f = self.config.vae.downsample_factor
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, int) or v <= 0 or v % f:
-                raise ValueError(f"{name} must be a positive multiple of {f}, got {v!r}; "
-                                 f"try {max(f, round(v / f) * f) if isinstance(v, (int, float)) else 64}")
-
     def step_range(self, steps: int, sigmas: Tensor, strength: float | None, denoising_start: float | None,
                    denoising_end: float | None) -> tuple[int, int]:
         """[first, last] step indices to run (diffusers semantics, reference §5.4-5.5).
@@ -235,20 +484,10 @@ class Pipeline:
         the base runs the steps whose timestep t >= round(1000 − 1000·f), the refiner the rest.
         """
         first, last = 0, steps
-        if strength is not None:
-            if not 0.0 < strength <= 1.0:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
-            run = min(int(steps * strength), steps)
-            if run < 1:
-                need = f"to at least {math.ceil(1 / strength)} " if strength >= 1e-6 else ""
-                raise ValueError(f"steps x strength = {steps} x {strength} < 1 leaves no step to run; raise --steps "
-                                 f"{need}or raise --strength")
-            first = steps - run
+        if strength is not None:  # resolve() checked 0 < strength <= 1 and steps x strength >= 1
+            first = steps - min(int(steps * strength), steps)
         t = self.schedule.sigma_to_t(sigmas[:-1]).round()
         n_train = self.schedule.num_train_timesteps
-        for name, frac in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-            if frac is not None and not 0.0 < frac < 1.0:
-                raise ValueError(f"{name} must be in (0, 1), got {frac}")
         if denoising_end is not None:
             cutoff = int(round(n_train - denoising_end * n_train))
             last = int((t >= cutoff).sum())
@@ -273,227 +512,19 @@ class Pipeline:
         return (mean + std * noise()) * self.config.vae.scaling_factor
 
     @torch.no_grad()
-    def __call__(
-        self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *, steps: int | None = None,
-        cfg: float | None = None, seed: int | None = None, width: int | None = None, height: int | None = None,
-        sampler: str | None = None, schedule: str | None = None, batch: int = 1, guidance_rescale: float = 0.0,
-        init_image=None, strength: float | None = None, mask=None, mask_blur: float = 0.0,
-        latents: Tensor | None = None, denoising_start: float | None = None, denoising_end: float | None = None,
-        original_size: tuple[int, int] | None = None, crop: tuple[int, int] = (0, 0),
-        target_size: tuple[int, int] | None = None, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5,
-        negative_original_size: tuple[int, int] | None = None, negative_crop: tuple[int, int] | None = None,
-        negative_target_size: tuple[int, int] | None = None,
-        callback: Callable[[int, int, Tensor, Tensor], None] | None = None, output_type: str = "pil",
-        noise: SeededNoise | None = None, vae_tile: int | None = None, image_prompt=None, noise_level: int = 0,
-    ) -> GenerationResult:
-        """Generate. Text-to-image by default; with `init_image` (+ `strength`) image-to-image, where
-        `init_image` may also be latents (B or 1, C, h, w), as diffusers accepts; with `mask` (white =
-        repaint) inpainting; with `denoising_end` the base stops early and returns latents for a
-        refiner called with `latents=` and `denoising_start=` (the "ensemble of expert denoisers").
-        unCLIP models take `image_prompt` (image variations) and its `noise_level` in [0, 999]."""
-        d = self.defaults
-        cfg_model = self.config
-        steps = d["steps"] if steps is None else steps
-        cfg_scale = d["cfg"] if cfg is None else float(cfg)
-        sampler_name, implied = resolve_sampler(sampler or d["sampler"])
-        schedule = schedule or implied or d["schedule"]
-        if schedule not in SPACINGS:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SPACINGS)}")
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        f = cfg_model.vae.downsample_factor
-        image_t = mask_t = init_latents = None
-        if isinstance(init_image, Tensor):  # latents, e.g. a base model's output for the refiner as SDEdit
-            init_latents = _check_init_latents(init_image, cfg_model.unet.out_channels, batch if isinstance(prompt, str)
-                                               else len(prompt), mask)
-            lat_h, lat_w = init_latents.shape[-2] * f, init_latents.shape[-1] * f
-            if (width or lat_w, height or lat_h) != (lat_w, lat_h):
-                raise ValueError(f"width x height {width}x{height} differs from the init latents' {lat_w}x{lat_h}; "
-                                 "leave width and height unset")
-            width, height = lat_w, lat_h
-        elif init_image is not None:
-            img = load_image(init_image)
-            width = width or img.width // f * f
-            height = height or img.height // f * f
-            image_t = image_to_tensor(img, width, height)
-        elif mask is not None:
-            raise ValueError("a mask needs an init image to inpaint")
-        if latents is not None:
-            if mask is not None or init_image is not None:
-                raise ValueError("pass either latents (a hand-off from a base model) or init_image / mask, not both")
-            height, width = latents.shape[-2] * f, latents.shape[-1] * f
-        width = width or cfg_model.resolution
-        height = height or cfg_model.resolution
-        self.check_size(width, height)
-        if mask is not None:
-            mask_t = mask_to_tensor(load_image(mask, mode="L"), width, height, mask_blur)
-        if cfg_model.unet.in_channels == 9 and mask_t is None:
-            raise ValueError("this is an inpainting UNet (9 input channels): pass init_image and mask")
-        if init_image is not None and strength is None and latents is None:
-            strength = 1.0 if mask is not None and cfg_model.unet.in_channels == 9 else (0.3 if cfg_model.family.startswith("sdxl") else 0.8)
-
-        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        if seed is None:
-            seed = secrets.randbelow(2**31 - 1)  # from the OS, independent of torch's global RNG
-        seeds = [seed + k for k in range(len(prompts))]
-
-        cond, uncond = self.encode_prompt(
-            prompts, negatives, size=(height, width), original_size=original_size, crop=crop, target_size=target_size,
-            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
-            negative_original_size=negative_original_size, negative_crop=negative_crop,
-            negative_target_size=negative_target_size,
-        )
-        noise = noise or SeededNoise(seeds, (cfg_model.unet.out_channels, height // f, width // f))
-        if cfg_model.family == "sd2-unclip":  # drawn before the initial latent, as diffusers does
-            cond, uncond = self._image_conditioning(cond, uncond, image_prompt, noise_level, noise)
-        elif image_prompt is not None:
-            raise ValueError(f"image_prompt needs an unCLIP model; {self.name} is {cfg_model.family}")
-        self._release(*self.parts.text_encoders, self.parts.image_encoder)
-        # DDIM's last step lands on ᾱ_0 (σ_min), not ᾱ = 1, in both CompVis DDIM and diffusers with the SD
-        # scheduler configs (`set_alpha_to_one: false`); every other sampler ends at σ = 0.
-        final = self.schedule.sigma_min if sampler_name == "ddim" else 0.0
-        sigmas_full = make_sigmas(self.schedule, steps, schedule, final=final)
-        first, last = self.step_range(steps, sigmas_full, strength, denoising_start, denoising_end)
-        sigmas = sigmas_full[first:last + 1]
-
-        # Initial latent: the order of generator draws follows diffusers (posterior sample, then noise).
-        concat = image_latents = None
-        if latents is not None:  # hand-off: continue from a VE-form latent at sigmas[0]
-            x = latents.float()
-        elif init_latents is not None:  # diffusers img2img with 4-channel `image`: no VAE encode
-            image_latents = init_latents.float().expand(len(seeds), -1, -1, -1)
-            x = image_latents + noise() * float(sigmas[0])
-        elif image_t is not None and (cfg_model.unet.in_channels == 4 or strength < 1.0):
-            image_latents = self.encode_image(image_t, noise)
-            first_noise = noise()
-            if mask_t is not None and strength == 1.0:  # inpainting at full strength starts from pure noise
-                x = first_noise * initial_noise_scale(sampler_name, schedule, float(sigmas[0]))
-            else:
-                x = image_latents + first_noise * float(sigmas[0])
-        else:
-            first_noise = noise()
-            x = first_noise * initial_noise_scale(sampler_name, schedule, float(sigmas[0]))
-        if mask_t is not None and cfg_model.unet.in_channels == 9:
-            masked = image_t * (mask_t < 0.5)
-            masked_latents = self.encode_image(masked, noise)
-            small = F.interpolate(mask_t, size=(height // f, width // f))  # nearest, as diffusers
-            concat = torch.cat([small.expand(len(seeds), -1, -1, -1), masked_latents], dim=1)
-
-        unet = self.parts.unet
-        # Euler-family samplers feed the UNet fractional timesteps t(σ) (diffusers' Euler schedulers);
-        # the others round t to the training grid (diffusers DPM-Solver, k-diffusion, ComfyUI).
-        denoiser = Denoiser(unet, self.schedule, cfg_model.prediction, concat=concat,
-                            quantize_t=sampler_name not in EULER_FAMILY)
-        model = guided(denoiser, cond.to(unet.dtype), uncond.to(unet.dtype), cfg_scale, guidance_rescale)
-        step_fn = callback
-        if mask_t is not None and cfg_model.unet.in_channels == 4:
-            step_fn = _blend_known_region(F.interpolate(mask_t, size=(height // f, width // f)), image_latents,
-                                          first_noise, sigmas, callback)
-        self._release(self.parts.vae)  # used above only if an init image was encoded
-        with unet.reusing_context():
-            x = denoise(model, x, sigmas, sampler_name, noise, step_fn)
-        self._release(unet)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("sampling produced NaN/inf latents; try fp32 weights, fewer CFG or another sampler")
-        settings = {
-            "prompt": prompts, "negative_prompt": negatives, "steps": steps, "sampler": sampler_name,
-            "schedule": schedule, "cfg": cfg_scale, "seed": seed, "width": width, "height": height,
-            "model": self.name, "guidance_rescale": guidance_rescale, "strength": strength,
-            "denoising_start": denoising_start, "denoising_end": denoising_end,
-            "original_size": original_size, "target_size": target_size, "crop": tuple(crop),
-            "mask_blur": mask_blur if mask is not None else None,
-            "noise_level": noise_level if image_prompt is not None else None,
-        }
-        notes = list(self.parts.notes)
-        if float(sigmas[-1]) > final:
-            # stopped early (hand-off): return the VE-form latent at sigmas[-1] for the next stage
-            return GenerationResult([], x, seeds, settings, notes, noise=noise)
-        x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
-        if output_type == "latent":
-            return GenerationResult([], x, seeds, settings, notes, noise=noise)
-        settings["model_hash"] = self.model_hash  # images get saved with it (cached: hashed once per file)
-        dec = decode_latents(self.parts.vae, x, tile=vae_tile)  # vae_tile: latent tile side, e.g. 64 = 512 px
-        self._release(self.parts.vae)
-        if dec.upcast:
-            notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
-        images = dec.images
-        if mask_t is not None:  # keep unmasked pixels exactly (the VAE round trip would alter them)
-            images = image_t * (1 - mask_t) + images * mask_t
-        return GenerationResult(latents_to_images(images), x, seeds, settings, notes, noise=noise)
-
-    @torch.no_grad()
-    def _image_conditioning(self, cond: Conditioning, uncond: Conditioning, image_prompt, noise_level: int,
+    def _image_conditioning(self, cond: Conditioning, uncond: Conditioning, image_prompt,
                             noise: SeededNoise) -> tuple[Conditioning, Conditioning]:
         """unCLIP: vector = [noise-augmented CLIP image embedding ‖ sinusoid(noise_level)]; uncond vector = 0."""
-        if image_prompt is None:
-            raise ValueError("unCLIP models generate variations of an image: pass image_prompt (CLI: --image-prompt)")
         enc, norm = self.parts.image_encoder, self.parts.image_normalizer
         if enc is None or norm is None:
             raise ValueError("this unCLIP model has no image encoder loaded (official unCLIP single files do not "
                              "contain it); load the model from a diffusers folder that has image_encoder/")
-        pixels = enc.normalize(clip_image_tensor(load_image(image_prompt), enc.config.image_size))
-        embeds = enc(pixels.to(enc.embeddings.patch_embedding.weight.dtype)).float()  # (1, D)
+        pixels = enc.normalize(clip_image_tensor(image_prompt.image, enc.config.image_size))
+        weight = enc.embeddings.patch_embedding.weight
+        embeds = enc(pixels.to(weight.device, weight.dtype)).float()  # (1, D)
         embeds = embeds.expand(len(cond), -1)
-        vec = unclip_vector(embeds, noise_level, norm, noise((embeds.shape[1],)))
+        vec = unclip_vector(embeds, image_prompt.noise_level, norm.to(embeds.device), noise((embeds.shape[1],)))
         return Conditioning(cond.context, vec), Conditioning(uncond.context, torch.zeros_like(vec))
-
-    def refine(self, refiner: "Pipeline", prompt, negative_prompt=None, *, switch_at: float = 0.8,
-               mode: str = "handoff", refiner_strength: float = 0.3, **kwargs) -> GenerationResult:
-        """Base -> refiner, in one of the two ways the SDXL report describes (§2.5, Fig. 1):
-
-        - `mode="handoff"`, the "ensemble of expert denoisers": the base runs the first `switch_at` of the
-          schedule and the refiner the rest, on the same σ grid and noise (diffusers `denoising_end` /
-          `denoising_start`; A1111's "Refiner switch at").
-        - `mode="sdedit"`: the base runs its whole schedule, then the refiner does image-to-image on the
-          base's latents at `refiner_strength` (SDEdit; diffusers' base latents into
-          `StableDiffusionXLImg2ImgPipeline`, whose default strength is 0.3). Each seed's noise stream
-          continues from the base, as when one generator is passed to both diffusers pipelines.
-        `aesthetic_score` / `negative_aesthetic_score` go to the refiner, everything else to the base."""
-        if mode not in ("handoff", "sdedit"):
-            raise ValueError(f"unknown refiner mode {mode!r}; choose handoff or sdedit")
-        if kwargs.get("mask") is not None:
-            raise ValueError("inpainting with a refiner is not supported: the refiner stage would repaint the "
-                             "unmasked pixels too; inpaint with the base alone, then refine the result as img2img")
-        refiner_keys = {"aesthetic_score", "negative_aesthetic_score"}
-        base_kwargs = {k: v for k, v in kwargs.items() if k not in refiner_keys}
-        shared = {k: v for k, v in kwargs.items() if k in ("steps", "cfg", "sampler", "schedule", "guidance_rescale", "callback",
-                                                           "vae_tile")
-                  or k in refiner_keys}
-        if mode == "handoff":
-            base = self(prompt, negative_prompt, denoising_end=switch_at, output_type="latent", **base_kwargs)
-            out = refiner(prompt, negative_prompt, latents=base.latents, denoising_start=switch_at,
-                          seed=base.settings["seed"], batch=len(base.seeds), noise=base.noise, **shared)
-            extra = {"refiner_switch_at": switch_at}
-        else:
-            base = self(prompt, negative_prompt, output_type="latent", **base_kwargs)
-            out = refiner(prompt, negative_prompt, init_image=base.latents, strength=refiner_strength,
-                          seed=base.settings["seed"], batch=len(base.seeds), noise=base.noise, **shared)
-            extra = {"refiner_mode": "sdedit", "refiner_strength": refiner_strength}
-        # The images' settings are the base's (A1111: "Model" is the base, "Refiner" the refiner).
-        out.settings = {**base.settings, "denoising_end": None, "refiner": refiner.name, **extra}
-        if out.images:
-            out.settings["model_hash"] = self.model_hash
-        return out
-
-
-def _check_init_latents(latents: Tensor, channels: int, batch: int, mask) -> Tensor:
-    if mask is not None:
-        raise ValueError("inpainting needs the init image as pixels (a PIL image or a path), not latents")
-    if latents.ndim != 4 or latents.shape[1] != channels:
-        raise ValueError(f"init latents must have shape (B, {channels}, h, w), got {tuple(latents.shape)}; "
-                         "pass a PIL image or a path for pixels")
-    if latents.shape[0] not in (1, batch):
-        raise ValueError(f"{latents.shape[0]} init latents for a batch of {batch}; pass 1 or {batch}")
-    if not torch.isfinite(latents).all():
-        raise ValueError("init latents contain NaN/inf")
-    return latents
 
 
 def _blend_known_region(mask: Tensor, image_latents: Tensor, noise: Tensor, sigmas: Tensor, callback):
@@ -510,27 +541,6 @@ def _blend_known_region(mask: Tensor, image_latents: Tensor, noise: Tensor, sigm
 # --------------------------------------------------------------------------------------------------
 # Images in
 # --------------------------------------------------------------------------------------------------
-
-
-def load_image(src, mode: str = "RGB") -> Image.Image:
-    """A PIL image, a path, or an array -> PIL image in `mode`, with a clear error for anything else."""
-    if isinstance(src, Image.Image):
-        img = src
-    elif isinstance(src, (str, os.PathLike)):
-        if not os.path.exists(src):
-            raise ValueError(f"image {src}: no such file")
-        try:
-            img = Image.open(src)
-            img.load()
-        except Exception as e:  # PIL raises several types for malformed files
-            raise ValueError(f"image {src}: cannot be read as an image ({type(e).__name__}: {e})") from None
-    elif isinstance(src, np.ndarray):
-        img = Image.fromarray(src)
-    else:
-        raise ValueError(f"expected a PIL image, a path or an array, got {type(src).__name__}")
-    if img.width < 1 or img.height < 1:
-        raise ValueError("image is empty")
-    return img.convert(mode)
 
 
 def image_to_tensor(img: Image.Image, width: int, height: int) -> Tensor:

@@ -19,8 +19,9 @@ from stablexl.eval import CLIPEmbedder, InceptionFeatures, MiniCLIPFeatures, eva
 from stablexl.eval.features import clean_resize
 from stablexl.eval.harness import emoji_prompt, pick_names, read_emoji_reference
 from stablexl.io.checkpoint import CheckpointError
+from stablexl.io.components import save_component
+from stablexl.models.clip import CLIPModel
 from stablexl.models.tokenizer import default_tokenizer
-from stablexl.train.components import CLIPModel, save_component
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures: a tiny emoji dataset and a tiny CLIP

@@ -154,6 +154,17 @@ def _settings(**kw):
     return s
 
 
+def _infotext(s: dict, index: int) -> str:
+    """The writer's output for settings `s` as a (resolved-looking) GenerationRequest."""
+    from stablexl.request import GenerationRequest
+
+    neg = s["negative_prompt"]
+    req = GenerationRequest(prompt=tuple(s["prompt"]), negative_prompt=None if neg is None else tuple(neg),
+                            batch=len(s["prompt"]), **{k: s[k] for k in ("steps", "sampler", "schedule", "cfg", "seed",
+                                                                          "width", "height", "model", "guidance_rescale")})
+    return generation_infotext(req, index)
+
+
 TRICKY = [
     "a cat, on a mat: photo (detailed:1.3)",
     'she said "hello", then left',
@@ -172,7 +183,7 @@ TRICKY = [
 def test_round_trip_prompts(prompt, negative):
     s = _settings(prompt=["other", prompt], negative_prompt=None if negative is None else ["x", negative],
                   seed=100, model='C:\\models\\"weird", name.safetensors', guidance_rescale=0.7)
-    got = parse_infotext(generation_infotext(s, 1))
+    got = parse_infotext(_infotext(s, 1))
     assert got["prompt"] == prompt
     assert got["negative_prompt"] == (negative or "")
     assert (got["seed"], got["model"], got["guidance_rescale"]) == (101, s["model"], 0.7)
@@ -185,7 +196,7 @@ def test_round_trip_prompts(prompt, negative):
 def test_round_trip_settings(sampler, schedule):
     s = _settings(sampler=sampler, schedule=schedule, steps=7, cfg=6.5, seed=2**32 + 5, width=832, height=1216,
                   model=None, guidance_rescale=None)
-    got = parse_infotext(generation_infotext(s, 0))
+    got = parse_infotext(_infotext(s, 0))
     back = {k: got[k] for k in ("steps", "sampler", "schedule", "cfg", "seed", "width", "height", "model")}
     assert back == {k: s[k] for k in back}
     assert got["prompt"] == "a cat" and got["guidance_rescale"] == 0.0
@@ -194,13 +205,13 @@ def test_round_trip_settings(sampler, schedule):
 
 def test_round_trip_value_starting_with_quote():
     s = _settings(model='"quoted"')
-    assert parse_infotext(generation_infotext(s, 0))["model"] == '"quoted"'
+    assert parse_infotext(_infotext(s, 0))["model"] == '"quoted"'
 
 
 def test_round_trip_through_png(tmp_path):
     s = _settings(prompt=["ünïcödé, ☃: \"q\"\nline 2"], negative_prompt=["日本語"], schedule="karras",
                   sampler="dpmpp_2m")
-    path = save_png(Image.new("RGB", (16, 16), "red"), tmp_path / "out.png", generation_infotext(s, 0))
+    path = save_png(Image.new("RGB", (16, 16), "red"), tmp_path / "out.png", _infotext(s, 0))
     got = read_png_settings(path)
     assert got["prompt"] == s["prompt"][0] and got["negative_prompt"] == "日本語"
     assert (got["sampler"], got["schedule"], got["width"]) == ("dpmpp_2m", "karras", 1024)
@@ -458,7 +469,7 @@ def test_truncated_png(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "full.png"
     s = _settings()
-    save_png(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), path, generation_infotext(s, 0))
+    save_png(Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)), path, _infotext(s, 0))
     data = path.read_bytes()
     for cut in (len(data) // 2, len(data) - 100):
         bad = tmp_path / f"cut{cut}.png"
@@ -482,7 +493,7 @@ def test_png_without_metadata(tmp_path):
 def test_main_info_text(tmp_path):
     s = _settings(prompt=["a cat,\non a mat"], negative_prompt=["dog"], sampler="dpmpp_2m", schedule="karras",
                   guidance_rescale=0.7)
-    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "o.png", generation_infotext(s, 0))
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "o.png", _infotext(s, 0))
     out = main_info(str(path), False)
     lines = out.split("\n")
     assert lines[0] == 'prompt: "a cat,\\non a mat"'
@@ -602,7 +613,7 @@ def test_generated_png_carries_model_hash_and_img2img_settings(tmp_path):
     pipe = Pipeline.from_pretrained(path)
     res = pipe("a cat", init_image=Image.new("RGB", (64, 64), "red"), strength=0.5, steps=4, seed=3,
                original_size=(32, 48), crop=(8, 0))
-    got = parse_infotext(generation_infotext(res.settings, 0))
+    got = parse_infotext(res.infotext(0))
     assert got["model_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert got["model"] == "tiny.safetensors"
     assert got["extra"]["Denoising strength"] == "0.5"

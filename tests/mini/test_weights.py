@@ -10,11 +10,12 @@ from PIL import Image
 from stablexl.cli import main
 from stablexl.config import MINI_VISION, PRESETS
 from stablexl.io.checkpoint import CheckpointError
+from stablexl.io.components import save_component
 from stablexl.io.models import save_model
 from stablexl.mini import weights as W
+from stablexl.models.clip import CLIPModel
 from stablexl.models.parts import build_parts
 from stablexl.pipeline import Pipeline
-from stablexl.train.components import CLIPModel, save_component
 
 
 @pytest.fixture(scope="module")

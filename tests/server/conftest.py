@@ -4,6 +4,7 @@ thread, and a gated fake pipeline for tests that must control exactly when a job
 from __future__ import annotations
 
 import base64
+import dataclasses
 import contextlib
 import io
 import socket
@@ -16,7 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from stablexl.config import PRESETS
-from stablexl.pipeline import GenerationResult, Pipeline, _defaults
+from stablexl.pipeline import GenerationResult, Pipeline
+from stablexl.request import resolve
 from stablexl.serve import ServeConfig, create_app
 
 _PIPES: dict[str, Pipeline] = {}
@@ -105,25 +107,30 @@ class GatedPipeline:
     def __init__(self, name: str = "tiny-sdxl"):
         self.config = PRESETS[name]
         self.name = name
-        self.defaults = _defaults(self.config)
+        self.defaults = dataclasses.asdict(self.config.sampling_defaults)
         self.parts = type("Parts", (), {"notes": []})()
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.calls: list[str] = []
 
-    def __call__(self, prompt, negative_prompt=None, *, steps, seed, width, height, batch, callback=None, **kw):
-        self.calls.append(prompt)
+    def resolve(self, request, refiner=None, limits=None):
+        return resolve(request, self.config, name=self.name, refiner_config=None if refiner is None else refiner.config,
+                       limits=limits)
+
+    def generate(self, request, *, refiner=None, callback=None):
+        req = self.resolve(request, refiner)
+        self.calls.append(req.prompt)
         self.entered.set()
-        for i in range(steps):
-            assert self.gate.wait(30), "test never opened the gate"
-            if callback is not None:
-                callback(i, steps, None, None)
-        images = [Image.new("RGB", (width, height), (seed % 256, 0, 0)) for _ in range(batch)]
-        settings = {"prompt": [prompt] * batch, "negative_prompt": None if negative_prompt is None else [negative_prompt] * batch,
-                    "steps": steps, "sampler": kw.get("sampler"), "schedule": kw.get("schedule"), "cfg": kw.get("cfg"),
-                    "seed": seed, "width": width, "height": height, "model": self.name, "strength": None}
-        return GenerationResult(images, torch.zeros(batch, 4, height // 8, width // 8),
-                                [seed + k for k in range(batch)], settings, [])
+        images, seeds = [], []
+        for it in range(req.iterations):
+            for i in range(req.steps):
+                assert self.gate.wait(30), "test never opened the gate"
+                if callback is not None:
+                    callback(i, req.steps, None, None)
+            seeds += req.seeds(it)
+            images += [Image.new("RGB", (req.width, req.height), (s % 256, 0, 0)) for s in req.seeds(it)]
+        n = len(images)
+        return GenerationResult(images, torch.zeros(n, 4, req.height // 8, req.width // 8), seeds, req, [])
 
 
 @pytest.fixture(autouse=True)

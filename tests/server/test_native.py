@@ -141,13 +141,26 @@ def test_img2img_and_inpainting_keep_unmasked_pixels():
         assert decode_png(wide["images"][0]["image"]).size == (96, 48)
 
 
-def test_pipeline_value_error_inside_job_becomes_failed_state():
+def test_default_strength_that_leaves_no_step_is_refused_before_queueing():
     src = Image.new("RGB", (64, 64), "white")
     with client() as c:
-        # no strength: the pipeline's SDXL default 0.3 x 2 steps leaves no step, which it reports as a ValueError
-        job = _generate(c, prompt="x", init_image=png_b64(src), steps=2)
+        # no strength: the model's SDXL default 0.3 x 2 steps leaves no step; resolve says so at once
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": png_b64(src), "steps": 2})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", "strength"] and "steps x strength = 2 x 0.3" in detail["msg"]
+        assert "raise steps to at least 4" in detail["msg"]
+
+
+def test_pipeline_value_error_inside_job_becomes_failed_state(monkeypatch):
+    def fail(self, req, seeds, **kw):
+        raise ValueError("found late: this input cannot be sampled")
+
+    with client() as c:
+        monkeypatch.setattr(Pipeline, "_run", fail)
+        job = _generate(c, prompt="x", steps=2)
         assert job["state"] == "failed"
-        assert "steps x strength" in job["error"] and job["images"] == []
+        assert "found late" in job["error"] and job["images"] == []
 
 
 def test_refiner_handoff_and_aesthetic_score():

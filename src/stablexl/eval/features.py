@@ -28,9 +28,10 @@ from torch import Tensor
 
 from ..config import PAD_EOS, PAD_ZERO, PRESETS
 from ..io.checkpoint import CheckpointError, SafetensorsSource
+from ..io.components import load_component_file
+from ..models.clip import CLIPModel
 from ..models.tokenizer import default_tokenizer
 from ..train.clip import caption_ids, clip_pixels
-from ..train.components import CLIPModel, load_component_file
 from .metrics import images_to_tensor
 
 

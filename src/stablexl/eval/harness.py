@@ -104,14 +104,12 @@ def generate(pipe, prompts: Sequence[str], *, seed: int, steps: int, cfg: float,
              batch: int, log: Callable[[str], None]) -> tuple[list[Image.Image], list[str]]:
     """One image per prompt in batches; image i uses seed + i, so the batch size does not change the noise.
     -> images and their infotexts."""
-    from ..io.metadata import generation_infotext
-
     images, infos, t0 = [], [], time.perf_counter()
     for start in range(0, len(prompts), batch):
         res = pipe(list(prompts[start:start + batch]), steps=steps, cfg=cfg, seed=seed + start, width=ART_SIZE,
                    height=ART_SIZE, sampler=sampler, schedule=schedule)
         images += res.images
-        infos += [generation_infotext(res.settings, k) for k in range(len(res.images))]
+        infos += [res.infotext(k) for k in range(len(res.images))]
         log(f"generate: {len(images)}/{len(prompts)} images ({time.perf_counter() - t0:.0f}s)")
     return images, infos
 

@@ -174,7 +174,7 @@ def vae_from_diffusers(d: dict[str, Any], where: str = "vae/config.json") -> VAE
         in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3), base_channels=bc[0],
         channel_mult=tuple(b // bc[0] for b in bc), num_res_blocks=d.get("layers_per_block", 1),
         latent_channels=d.get("latent_channels", 4), norm_groups=d.get("norm_num_groups", 32),
-        scaling_factor=float(d.get("scaling_factor", 0.18215)),
+        scaling_factor=float(d.get("scaling_factor", 0.18215)), force_upcast=bool(d.get("force_upcast", True)),
     )
 
 
@@ -187,7 +187,7 @@ def vae_to_diffusers(cfg: VAEConfig, sample_size: int) -> dict[str, Any]:
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "latent_channels": cfg.latent_channels, "layers_per_block": cfg.num_res_blocks,
         "norm_num_groups": cfg.norm_groups, "act_fn": "silu", "sample_size": sample_size,
-        "scaling_factor": cfg.scaling_factor, "force_upcast": cfg.scaling_factor == 0.13025,
+        "scaling_factor": cfg.scaling_factor, "force_upcast": cfg.force_upcast,
     }
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from .. import __version__
-from ..names import A1111_SAMPLER, A1111_SCHEDULE  # one table, shared with the samplers
+from ..names import (  # noqa: F401  (the one name table; normalise_* re-exported for readers)
+    A1111_SAMPLER, A1111_SCHEDULE, COMFY_SAMPLER, parse_sampler as normalise_sampler, parse_schedule as normalise_schedule,
+)
 
 
 def _value(v) -> str:
@@ -36,28 +38,33 @@ def size_text(hw) -> str | None:
     return None if hw is None else f"{hw[1]}x{hw[0]}"
 
 
-def generation_infotext(settings: dict, index: int) -> str:
-    """Infotext for image `index` of a GenerationResult's settings, with A1111's keys where it has them.
-    The one builder for the CLI, the Python API and both server APIs."""
-    neg = settings.get("negative_prompt")
-    crop = tuple(settings.get("crop") or (0, 0))
-    refiner = settings.get("refiner")
+def generation_infotext(req, index: int, *, model_hash: str | None = None) -> str:
+    """Infotext for image `index` of a resolved GenerationRequest (in order over its iterations), with
+    A1111's keys where it has them. The one writer for the CLI, the Python API and both server APIs."""
+    prompts, negatives = req.prompts, req.negative_prompts
+    it, k = divmod(index, req.batch)
+    mc, h = req.conditions, req.handoff
+    out_size = (req.height, req.width)
+    refiner = h.refiner
+    image = req.image
     params = {
-        "Steps": settings["steps"], "Sampler": A1111_SAMPLER.get(settings["sampler"], settings["sampler"]),
-        "Schedule type": A1111_SCHEDULE.get(settings["schedule"], settings["schedule"]), "CFG scale": settings["cfg"],
-        "Seed": settings["seed"] + index, "Size": f"{settings['width']}x{settings['height']}",
-        "Model hash": settings.get("model_hash"), "Model": settings.get("model"),
-        "Denoising strength": settings.get("strength"), "Mask blur": settings.get("mask_blur") or None,
-        "Refiner": refiner, "Refiner switch at": settings.get("refiner_switch_at") if refiner else None,
-        "Refiner mode": settings.get("refiner_mode") if refiner else None,
-        "Refiner strength": settings.get("refiner_strength") if refiner else None,
-        "Guidance rescale": settings.get("guidance_rescale") or None,
-        "Original size": size_text(settings.get("original_size")), "Target size": size_text(settings.get("target_size")),
-        "Crop": f"{crop[1]}x{crop[0]}" if crop != (0, 0) else None,
-        "Noise level": settings.get("noise_level"),
+        "Steps": req.steps, "Sampler": A1111_SAMPLER.get(req.sampler, req.sampler),
+        "Schedule type": A1111_SCHEDULE.get(req.schedule, req.schedule), "CFG scale": req.cfg,
+        "Seed": req.seeds(it)[k], "Size": f"{req.width}x{req.height}",
+        "Model hash": model_hash, "Model": req.model,
+        "Denoising strength": image.strength if image is not None else None,
+        "Mask blur": (image.mask_blur or None) if image is not None and image.mask is not None else None,
+        "Refiner": refiner, "Refiner switch at": h.switch_at if refiner and h.mode == "handoff" else None,
+        "Refiner mode": h.mode if refiner and h.mode != "handoff" else None,
+        "Refiner strength": h.refiner_strength if refiner and h.mode == "sdedit" else None,
+        "Guidance rescale": req.guidance_rescale or None,
+        "Original size": size_text(mc.original_size) if mc.original_size not in (None, out_size) else None,
+        "Target size": size_text(mc.target_size) if mc.target_size not in (None, out_size) else None,
+        "Crop": f"{mc.crop[1]}x{mc.crop[0]}" if tuple(mc.crop or (0, 0)) != (0, 0) else None,
+        "Noise level": req.image_prompt.noise_level if req.image_prompt is not None else None,
         "Version": f"stablexl {__version__}",
     }
-    return infotext(settings["prompt"][index], neg[index] if neg else None, params)
+    return infotext(prompts[k], negatives[k] if negatives else None, params)
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
@@ -92,41 +99,6 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
 class MetadataError(ValueError):
     """An image file that cannot be read, or that holds no generation settings (one-line message)."""
 
-
-SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim", "ddpm", "lcm")
-
-# A1111 display names (any case, incl. pre-1.9 names with the schedule in them) -> (sampler, schedule)
-_A1111_SAMPLER_IN: dict[str, tuple[str, str | None]] = {
-    **{v.lower(): (k, None) for k, v in A1111_SAMPLER.items()},
-    "dpm++ 2m karras": ("dpmpp_2m", "karras"), "dpm++ 2m exponential": ("dpmpp_2m", "exponential"),
-    "dpm++ 2m sde karras": ("dpmpp_2m_sde", "karras"), "dpm++ 2m sde exponential": ("dpmpp_2m_sde", "exponential"),
-    # A1111's short aliases from the k-diffusion era
-    "k_euler": ("euler", None), "k_euler_a": ("euler_ancestral", None), "k_euler_ancestral": ("euler_ancestral", None),
-    "k_heun": ("heun", None), "k_dpmpp_2m": ("dpmpp_2m", None), "k_dpmpp_2m_ka": ("dpmpp_2m", "karras"),
-    "k_dpmpp_2m_sde": ("dpmpp_2m_sde", None), "k_dpmpp_2m_sde_ka": ("dpmpp_2m_sde", "karras"),
-}
-# sd.cpp `sample_method` names (peers.md §1c) -> (sampler, schedule implied by the method or None)
-_SDCPP_SAMPLER: dict[str, tuple[str, str | None]] = {
-    "euler": ("euler", None), "euler_a": ("euler_ancestral", None), "heun": ("heun", None),
-    "dpm++2m": ("dpmpp_2m", None), "dpm++2m_sde": ("dpmpp_2m_sde", None), "lcm": ("lcm", None),
-    "ddim_trailing": ("ddim", "trailing"),
-}
-_SDCPP_SCHEDULES = {"default", "discrete", "karras", "exponential", "ays", "gits", "sgm_uniform", "simple",
-                    "smoothstep", "lcm", "kl_optimal", "bong_tangent"}
-# ComfyUI sampler_name -> ours; the `_gpu` variant is the same solver with its noise drawn on the GPU
-_COMFY_SAMPLER = {"euler": "euler", "euler_ancestral": "euler_ancestral", "heun": "heun", "dpmpp_2m": "dpmpp_2m",
-                  "dpmpp_2m_sde": "dpmpp_2m_sde", "dpmpp_2m_sde_gpu": "dpmpp_2m_sde", "ddim": "ddim",
-                  "ddpm": "ddpm", "lcm": "lcm"}
-# schedule names of A1111 ("Schedule type"), ComfyUI (`scheduler`) and sd.cpp, lower-cased -> ours.
-# "Automatic" is what our writer emits for "leading" (A1111 itself lets the sampler choose).
-# uniform / normal / discrete all space t evenly from 999 to 0 (= diffusers "linspace");
-# sgm_uniform and simple are diffusers' timestep_spacing="trailing" (diffusers scheduler docs).
-_SCHEDULE_IN = {
-    **{v.lower(): k for k, v in A1111_SCHEDULE.items()},
-    "leading": "leading", "trailing": "trailing", "linspace": "linspace", "karras": "karras",
-    "exponential": "exponential", "sgm_uniform": "trailing", "simple": "trailing", "normal": "linspace",
-    "discrete": "linspace",
-}
 
 # A1111 reads a missing key as this value (peers.md §2.3 rule 5); groups apply only when the
 # feature shows up in the text at all.
@@ -198,40 +170,6 @@ def _float(v):
         return float(str(v).strip())
     except ValueError:
         return v
-
-
-def normalise_schedule(name: str | None) -> str | None:
-    """A1111 / ComfyUI / sd.cpp schedule name -> ours where there is a clear equivalent, else unchanged."""
-    if name is None:
-        return None
-    return _SCHEDULE_IN.get(name.strip().lower(), name.strip())
-
-
-def normalise_sampler(name: str) -> tuple[str, str | None, str]:
-    """Sampler text as A1111, ComfyUI, sd.cpp or we write it -> (sampler, schedule implied or None, dialect).
-
-    dialect is "a1111" for A1111 display names, "sd.cpp" for sd.cpp's `method schedule` form, "ours"
-    for our own names and "unknown" (sampler returned as written) otherwise.
-    """
-    raw = name.strip()
-    key = raw.lower()
-    if raw in SAMPLER_NAMES:
-        return raw, None, "ours"
-    if key in _A1111_SAMPLER_IN:
-        s, sch = _A1111_SAMPLER_IN[key]
-        return s, sch, "a1111"
-    for suffix in (" karras", " exponential"):  # "<any A1111 sampler> Karras" (pre-1.9 names)
-        if key.endswith(suffix) and key[: -len(suffix)] in _A1111_SAMPLER_IN:
-            return _A1111_SAMPLER_IN[key[: -len(suffix)]][0], suffix.strip(), "a1111"
-    words = key.split()
-    if len(words) in (1, 2) and words[0] in _SDCPP_SAMPLER and (len(words) == 1 or words[1] in _SDCPP_SCHEDULES):
-        s, sch = _SDCPP_SAMPLER[words[0]]
-        if len(words) == 2 and not (sch and words[1] in ("default", "discrete")):
-            sch = normalise_schedule(words[1])  # "default" (sd.cpp picks per model) stays as is
-        return s, sch, "sd.cpp"
-    if len(words) == 2 and words[1] in _SDCPP_SCHEDULES:  # sd.cpp method we have no equivalent for
-        return words[0], normalise_schedule(words[1]), "sd.cpp"
-    return raw, None, "unknown"
 
 
 # infotext key -> (our field, converter); keys not listed here go to `extra` verbatim
@@ -479,7 +417,7 @@ def parse_comfyui_prompt(graph: dict) -> dict:
         d = {"node": k, "class_type": n.get("class_type"),
              "seed": g.literal(ins.get("seed", ins.get("noise_seed"))), "steps": g.literal(ins.get("steps")),
              "cfg": g.literal(ins.get("cfg")),
-             "sampler": _COMFY_SAMPLER.get(raw_sampler, raw_sampler) if isinstance(raw_sampler, str) else raw_sampler,
+             "sampler": COMFY_SAMPLER.get(raw_sampler, raw_sampler) if isinstance(raw_sampler, str) else raw_sampler,
              "schedule": normalise_schedule(raw_sched) if isinstance(raw_sched, str) else raw_sched,
              "sampler_name": raw_sampler, "scheduler": raw_sched, "model": model, "loras": loras, "rescale": rescale}
         for key in ("denoise", "start_at_step", "end_at_step", "add_noise", "return_with_leftover_noise"):

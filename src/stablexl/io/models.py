@@ -37,7 +37,7 @@ from .checkpoint import (
     CheckpointError, Plan, SafetensorsSource, TensorSource, atomic_save_safetensors, check_finite, check_plans,
     iter_rules_out, load_plans, open_tensor_file, parse_dtype,
 )
-from .keymaps import Rule, single_file_layout
+from .keymaps import Rule, ldm_vae_rules, single_file_layout
 
 FORMAT_KEY, CONFIG_KEY, FORMAT_VERSION = "stablexl.format", "stablexl.config", "1"
 Format = Literal["stablexl", "single-file", "diffusers"]
@@ -246,6 +246,43 @@ def _load_diffusers(root: Path, dtype, device, variant: str | None, after_check=
         parts.image_normalizer = load("image_normalizer")
     parts.notes.append(f"loaded diffusers folder {root} as {config.family}")
     return parts
+
+
+def load_vae(path: str | os.PathLike, *, vae_config, dtype: str | torch.dtype | None = None,
+             device: str | torch.device = "cpu", allow_pickle: bool = False) -> torch.nn.Module:
+    """A separate VAE, as A1111's `sd_vae` and diffusers' `vae=`: a diffusers folder (its own, or a model
+    folder's `vae/`), a single file in the original LDM layout (`encoder.down.0...`, optionally under
+    `first_stage_model.`) or in diffusers' layout. A bare file carries no config, so it is read with the
+    model's own VAE config (`vae_config`, which sets the latent scaling factor); shapes are checked strictly."""
+    from ..models.vae import AutoencoderKL
+
+    p = resolve(path)
+    if p.is_dir():
+        folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{p}: a VAE folder needs config.json (diffusers AutoencoderKL)")
+        module = load_component(folder, dtype=dtype, device=device)
+        if not isinstance(module, AutoencoderKL):
+            raise CheckpointError(f"{folder}: holds a {type(module).__name__}, not a VAE (AutoencoderKL)")
+        return module
+    source = open_tensor_file(p, allow_pickle=allow_pickle)
+    with torch.device("meta"):
+        module = AutoencoderKL(vae_config)
+    ours = list(module.state_dict())
+    keys = source.keys()
+    prefix = "first_stage_model." if any(k.startswith("first_stage_model.") for k in keys) else ""
+    if any(k.startswith(prefix + "encoder.down.") or k.startswith(prefix + "decoder.up.") for k in keys):
+        rules = ldm_vae_rules(vae_config, ours)  # the original (A1111 / sgm) layout
+    else:
+        rules = [Rule((k,), k) for k in ours]  # diffusers' key names are ours
+    plan = Plan(module, rules, prefix)
+    try:
+        check_plans(source, [plan])
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: not a VAE for this model ({e})") from None
+    load_plans(source, [plan], parse_dtype(dtype), device)
+    check_finite(module, str(p))
+    return module.eval().requires_grad_(False)
 
 
 def load_component(

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import MINI_SAMPLING
 from ..io.checkpoint import CheckpointError, SafetensorsSource, atomic_save_safetensors
-from ..train.components import KEY, CLIPModel, load_component_file
+from ..io.components import KEY, load_component_file
+from ..models.clip import CLIPModel
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
 MODEL_FILE = "model.safetensors"
@@ -47,6 +49,8 @@ def load_mini_parts(dtype: torch.dtype = torch.float32, root: Path = ASSET_DIR):
     parts = load_model(shipped_model_file(root), dtype=dtype)
     if parts.config.name != "mini":
         raise CheckpointError(f"{root / MODEL_FILE}: holds preset {parts.config.name!r}, expected 'mini'")
+    if parts.config.sampling is None:  # the shipped file predates the config's `sampling` field
+        parts.config = dataclasses.replace(parts.config, sampling=MINI_SAMPLING)
     return parts
 
 

@@ -1,5 +1,6 @@
 """CLIP transformers: the text tower (OpenAI ViT-L/14, OpenCLIP ViT-H/14 and ViT-bigG/14) and the
-vision tower (ViT-L/14, ViT-H/14) with their projections to the joint embedding space.
+vision tower (ViT-L/14, ViT-H/14) with their projections to the joint embedding space, and `CLIPModel`,
+the two paired for contrastive training and evaluation.
 
 Pre-LN residual blocks, learned absolute positions, causal mask for text. Attribute names follow
 transformers' CLIP models (`embeddings`, `encoder.layers.N.self_attn.q_proj`, ..., including its
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import CLIPTextConfig, CLIPVisionConfig
+from ..config import CLIPTextConfig, CLIPVisionConfig, component_from_dict
 from .layers import activation, attention
 
 
@@ -183,3 +184,33 @@ class CLIPVisionModel(nn.Module):
         for block in self.encoder.layers:
             x = block(x, causal=False)
         return self.visual_projection(self.post_layernorm(x[:, 0]))  # (B, P)
+
+
+class CLIPModel(nn.Module):
+    """Contrastive CLIP: one ViT image tower and one or more text towers, each with its own learned
+    temperature (Radford et al. 2021, Fig. 3: logit_scale initialised to log(1/0.07))."""
+
+    def __init__(self, vision: CLIPVisionConfig, texts: list[CLIPTextConfig]):
+        super().__init__()
+        for t in texts:
+            if t.projection_dim != vision.projection_dim:
+                raise ValueError(f"text tower projection {t.projection_dim} must equal the image tower's "
+                                 f"{vision.projection_dim} to share the embedding space")
+        self.vision = CLIPVisionModel(vision)
+        self.texts = nn.ModuleList(CLIPTextModel(t) for t in texts)
+        self.logit_scale = nn.Parameter(torch.full((len(texts),), float(torch.log(torch.tensor(1 / 0.07)))))
+
+    def forward(self, pixels: Tensor, ids: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Normalised pixels (B, 3, S, S) and token ids per tower (B, 77) -> image (B, P), texts [(B, P)]."""
+        img = self.vision(pixels)
+        return img, [tower(t, pooled=True).pooled for tower, t in zip(self.texts, ids)]
+
+    def configs(self) -> dict:
+        import dataclasses
+
+        return {"vision": dataclasses.asdict(self.vision.config), "texts": [dataclasses.asdict(t.config) for t in self.texts]}
+
+    @staticmethod
+    def from_configs(d: dict) -> CLIPModel:
+        return CLIPModel(component_from_dict(CLIPVisionConfig, d["vision"]),
+                         [component_from_dict(CLIPTextConfig, t) for t in d["texts"]])

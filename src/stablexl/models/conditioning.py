@@ -96,7 +96,7 @@ def encode_text(config: ModelConfig, encoders: Sequence[CLIPTextModel], ids: Seq
         raise ValueError(f"{config.name} has {len(config.text_encoders)} text encoders; got {len(encoders)} encoders and {len(ids)} id tensors")
     hiddens, pooled = [], None
     for spec, enc, tok in zip(config.text_encoders, encoders, ids):
-        out = enc(tok, layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled)
+        out = enc(tok.to(enc.embeddings.token_embedding.weight.device), layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled)
         hiddens.append(out.hidden)
         if spec.pooled:
             pooled = out.pooled

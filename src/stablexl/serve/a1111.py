@@ -19,9 +19,10 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..io.metadata import MetadataError, normalise_sampler, normalise_schedule, parse_infotext
-from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES
-from .generation import InputError, Spec, resolve
+from ..io.metadata import MetadataError, parse_infotext
+from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES, parse_sampler, parse_schedule
+from ..request import GenerationRequest, Handoff, ImageInput, MicroConditions
+from .generation import InputError, resolve_request
 from .images import ImageInputError, b64, open_image, png_texts
 from .native import image_field
 from .queue import CANCELLED, FAILED, RUNNING
@@ -29,10 +30,17 @@ from .schemas import A1111Result, Img2ImgRequest, PngInfoRequest, PngInfoResult,
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
-# our Spec field -> the A1111 request field, for error messages
-FIELD_NAMES = {"cfg": "cfg_scale", "batch": "batch_size", "sampler": "sampler_name", "schedule": "scheduler",
-               "strength": "denoising_strength", "init_image": "init_images", "refiner": "refiner_checkpoint",
-               "model": "override_settings.sd_model_checkpoint", "mask_invert": "inpainting_mask_invert"}
+# GenerationRequest paths -> the A1111 request fields, for error messages
+FIELD_NAMES = {"cfg": "cfg_scale", "batch": "batch_size", "iterations": "n_iter", "sampler": "sampler_name",
+               "schedule": "scheduler", "image.strength": "denoising_strength", "image.image": "init_images",
+               "image.mask": "mask", "image.mask_blur": "mask_blur",
+               "handoff.refiner": "refiner_checkpoint", "handoff.switch_at": "refiner_switch_at",
+               "model": "override_settings.sd_model_checkpoint", "image.mask_invert": "inpainting_mask_invert",
+               "image.fit": "resize_mode"}
+
+
+def field_name(path: str) -> str:
+    return FIELD_NAMES.get(path) or (path.split(".", 1)[1] if path.startswith("conditions.") else path)
 
 
 def json_safe(v: Any, depth: int = 0) -> Any:
@@ -59,10 +67,11 @@ def _model_name(server, title: Any, field: str) -> str:
 
 
 def _sampler(body) -> tuple[str | None, str | None]:
+    """A1111's sampler_name / scheduler (any dialect the one name table knows) -> (ours, schedule or None)."""
     name = body.sampler_name or body.sampler_index
     implied = None
     if name:
-        ours, implied, dialect = normalise_sampler(name)
+        ours, implied, dialect = parse_sampler(name)
         if dialect == "unknown" or ours not in SAMPLER_NAMES:
             # A1111 answers an unknown sampler with 404 "Sampler not found"
             raise InputError("sampler", f"Sampler not found: {name!r}; available: "
@@ -70,7 +79,7 @@ def _sampler(body) -> tuple[str | None, str | None]:
         name = ours
     schedule = None
     if body.scheduler and body.scheduler.strip().lower() != "automatic":
-        schedule = normalise_schedule(body.scheduler)
+        schedule = parse_schedule(body.scheduler)
         if schedule not in SCHEDULE_NAMES:
             raise InputError("schedule", f"unknown scheduler {body.scheduler!r}; available: "
                                          f"{', '.join(A1111_SCHEDULE[s] for s in SCHEDULE_NAMES)}")
@@ -91,7 +100,8 @@ def _refuse_unsupported(body) -> None:
             raise InputError(field, msg)
 
 
-def _common_spec(body, server) -> Spec:
+def _request(body, server, image: ImageInput | None = None) -> GenerationRequest:
+    """An A1111 body -> a GenerationRequest (their names mapped to ours once, here)."""
     _refuse_unsupported(body)
     sampler, schedule = _sampler(body)
     overrides = body.override_settings or {}
@@ -100,69 +110,71 @@ def _common_spec(body, server) -> Spec:
         model = _model_name(server, overrides["sd_model_checkpoint"], "model")
     refiner = None
     if body.refiner_checkpoint and body.refiner_checkpoint.strip().lower() not in ("", "none"):
-        refiner = _model_name(server, body.refiner_checkpoint, "refiner")
-    return Spec(prompt=body.prompt, negative_prompt=body.negative_prompt, model=model, sampler=sampler,
-                schedule=schedule, steps=body.steps, cfg=body.cfg_scale, seed=body.seed, width=body.width,
-                height=body.height, batch=body.batch_size, n_iter=body.n_iter, refiner=refiner,
-                refiner_switch_at=body.refiner_switch_at if body.refiner_switch_at is not None else 0.8,
-                aesthetic_score=body.aesthetic_score, negative_aesthetic_score=body.negative_aesthetic_score)
+        refiner = _model_name(server, body.refiner_checkpoint, "handoff.refiner")
+    return GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, model=model, sampler=sampler, schedule=schedule,
+        steps=body.steps, cfg=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
+        batch=body.batch_size, iterations=body.n_iter, image=image,
+        handoff=Handoff(refiner=refiner, switch_at=body.refiner_switch_at if body.refiner_switch_at is not None else 0.8),
+        conditions=MicroConditions(aesthetic_score=body.aesthetic_score,
+                                   negative_aesthetic_score=body.negative_aesthetic_score))
 
 
-def spec_from_txt2img(body: Txt2ImgRequest, server) -> Spec:
-    return resolve(_common_spec(body, server), server.models, server.limits)
+def request_from_txt2img(body: Txt2ImgRequest, server) -> GenerationRequest:
+    return resolve_request(_request(body, server), server.models, server.limits)
 
 
-def spec_from_img2img(body: Img2ImgRequest, server) -> Spec:
-    spec = _common_spec(body, server)
+def request_from_img2img(body: Img2ImgRequest, server) -> GenerationRequest:
     if not body.init_images:
-        raise InputError("init_image", "init_images is empty: img2img needs one image")
+        raise InputError("image.image", "init_images is empty: img2img needs one image")
     if len(body.init_images) > 1:
-        raise InputError("init_image", "one init image per request is supported")
+        raise InputError("image.image", "one init image per request is supported")
     if body.resize_mode not in (0, 1):
-        raise InputError("resize_mode", "resize_mode 0 (just resize) and 1 (crop and resize) are supported")
-    spec.init_image = image_field(body.init_images[0], "init_images")
-    spec.crop_to_fit = body.resize_mode == 1
-    spec.strength = body.denoising_strength
+        raise InputError("image.fit", "resize_mode 0 (just resize) and 1 (crop and resize) are supported")
+    mask, blur = None, 0.0
     if body.mask is not None:
-        spec.mask = image_field(body.mask, "mask", "L")
-        spec.mask_invert = bool(body.inpainting_mask_invert)
-        spec.resize_mask = True  # A1111 resizes the mask with the image
+        mask = image_field(body.mask, "image.mask", "L")
         blur = body.mask_blur
         if blur is None:
             xy = [v for v in (body.mask_blur_x, body.mask_blur_y) if v is not None]
             blur = max(xy) if xy else 4.0  # A1111's default mask blur
-        spec.mask_blur = float(blur)
-    return resolve(spec, server.models, server.limits)
+    image = ImageInput(image_field(body.init_images[0], "image.image"), strength=body.denoising_strength, mask=mask,
+                       mask_blur=float(blur), mask_invert=bool(body.inpainting_mask_invert),
+                       fit="crop" if body.resize_mode == 1 else "resize",
+                       resize_mask=True)  # A1111 resizes the mask with the image
+    return resolve_request(_request(body, server, image), server.models, server.limits)
 
 
-def _info(spec: Spec, job, images: list[dict], body, interrupted: bool, inpaint_unet: bool) -> dict:
-    seeds = [i["seed"] for i in images] or [spec.seed + k for k in range(spec.batch * spec.n_iter)]
+def _info(req: GenerationRequest, job, images: list[dict], body, interrupted: bool, inpaint_unet: bool) -> dict:
+    seeds = [i["seed"] for i in images] or [s for it in range(req.iterations) for s in req.seeds(it)]
     n = len(seeds)
-    extra = {"Schedule type": A1111_SCHEDULE.get(spec.schedule, spec.schedule)}
-    if spec.refiner:
-        extra.update({"Refiner": spec.refiner, "Refiner switch at": spec.refiner_switch_at})
+    extra = {"Schedule type": A1111_SCHEDULE.get(req.schedule, req.schedule)}
+    if req.handoff.refiner:
+        extra.update({"Refiner": req.handoff.refiner, "Refiner switch at": req.handoff.switch_at})
+    prompt, negative = req.prompts[0], (req.negative_prompts or ("",))[0]
     return {
-        "prompt": spec.prompt, "all_prompts": [spec.prompt] * n, "negative_prompt": spec.negative_prompt or "",
-        "all_negative_prompts": [spec.negative_prompt or ""] * n, "seed": spec.seed, "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0.0, "width": spec.width,
-        "height": spec.height, "sampler_name": A1111_SAMPLER.get(spec.sampler, spec.sampler),
-        "scheduler": A1111_SCHEDULE.get(spec.schedule, spec.schedule), "cfg_scale": spec.cfg,
-        "steps": spec.steps, "batch_size": spec.batch, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": spec.model, "sd_model_hash": images[0].get("model_hash") if images else None,
+        "prompt": prompt, "all_prompts": [prompt] * n, "negative_prompt": negative,
+        "all_negative_prompts": [negative] * n, "seed": req.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0.0, "width": req.width,
+        "height": req.height, "sampler_name": A1111_SAMPLER.get(req.sampler, req.sampler),
+        "scheduler": A1111_SCHEDULE.get(req.schedule, req.schedule), "cfg_scale": req.cfg,
+        "steps": req.steps, "batch_size": req.batch, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": req.model, "sd_model_hash": images[0].get("model_hash") if images else None,
         "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": spec.strength if spec.init_image is not None else None,
+        "denoising_strength": req.image.strength if req.image is not None else None,
         "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": [i["infotext"] for i in images],
         "styles": list(body.styles or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-        "clip_skip": 1, "is_using_inpainting_conditioning": spec.mask is not None and inpaint_unet,
+        "clip_skip": 1, "is_using_inpainting_conditioning": req.image is not None and req.image.mask is not None
+        and inpaint_unet,
         "job_id": job.id, "interrupted": interrupted,
     }
 
 
-async def _run_sync(body, spec: Spec, request: Request, kind: str):
+async def _run_sync(body, req: GenerationRequest, request: Request, kind: str):
     server = request.app.state.server
     try:
-        job = server.submit(spec, job_id=body.force_task_id, origin="a1111")
+        job = server.submit(req, job_id=body.force_task_id, origin="a1111")
     except ValueError as e:  # the job id is taken
         raise InputError("force_task_id", str(e)) from None
     await job.wait_done()  # the worker wakes us; the job finishes even if this client has gone
@@ -177,20 +189,20 @@ async def _run_sync(body, spec: Spec, request: Request, kind: str):
         params.update(init_images=None, mask=None)
     return {"images": [b64(i["png"]) for i in images] if body.send_images else [],
             "parameters": json_safe(params),
-            "info": json.dumps(_info(spec, job, images, body, interrupted=job.state == CANCELLED,
-                                     inpaint_unet=server.models.get(spec.model).config.unet.in_channels == 9))}
+            "info": json.dumps(_info(req, job, images, body, interrupted=job.state == CANCELLED,
+                                     inpaint_unet=server.models.get(req.model).config.unet.in_channels == 9))}
 
 
 @router.post("/txt2img", response_model=A1111Result)
 async def txt2img(body: Txt2ImgRequest, request: Request):
-    spec = await run_in_threadpool(spec_from_txt2img, body, request.app.state.server)
-    return await _run_sync(body, spec, request, "txt2img")
+    req = await run_in_threadpool(request_from_txt2img, body, request.app.state.server)
+    return await _run_sync(body, req, request, "txt2img")
 
 
 @router.post("/img2img", response_model=A1111Result)
 async def img2img(body: Img2ImgRequest, request: Request):
-    spec = await run_in_threadpool(spec_from_img2img, body, request.app.state.server)
-    return await _run_sync(body, spec, request, "img2img")
+    req = await run_in_threadpool(request_from_img2img, body, request.app.state.server)
+    return await _run_sync(body, req, request, "img2img")
 
 
 @router.get("/progress")

@@ -22,7 +22,8 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from . import a1111, native
-from .generation import InputError, Limits, Models, Spec, run
+from ..request import GenerationRequest, Limits, RequestError
+from .generation import InputError, Models, run
 from .preview import PREVIEW_MODES
 from .queue import Job, JobQueue, QueueFull
 
@@ -44,8 +45,12 @@ class ServeConfig:
     queue_size: int = 32  # jobs waiting (running ones not counted); more get 429
     job_ttl: float = 600.0  # seconds a finished job stays retrievable
     preview: str = "approx"
-    dtype: str | None = None
-    loader: Callable[[str], object] | None = None  # name -> Pipeline; default Pipeline.from_pretrained
+    devices: list[str] = field(default_factory=lambda: ["auto"])  # a worker per (model, device)
+    dtype: str | None = "auto"
+    offload: str = "none"
+    compile: bool = False
+    vae: str | None = None
+    loader: Callable | None = None  # (name[, device]) -> Pipeline; default Pipeline.from_pretrained
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch", "queue_size"):
@@ -59,11 +64,12 @@ class ServeConfig:
             raise ValueError("api_key must not be empty")
 
 
-def _default_loader(dtype: str | None) -> Callable[[str], object]:
-    def load(name: str):
+def _default_loader(config: ServeConfig) -> Callable[[str, str], object]:
+    def load(name: str, device: str):
         from ..pipeline import Pipeline
 
-        return Pipeline.from_pretrained(name, dtype=dtype)
+        return Pipeline.from_pretrained(name, device=device, dtype=config.dtype, offload=config.offload,
+                                        compile=config.compile, vae=config.vae)
     return load
 
 
@@ -81,15 +87,16 @@ class Server:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.limits = Limits(config.max_width, config.max_height, config.max_steps, config.max_batch)
-        self.models = Models(config.models, config.loader or _default_loader(config.dtype), config.preview)
-        self.queue = JobQueue(config.models, config.queue_size, config.job_ttl, thread_init=_worker_thread_init)
+        self.models = Models(config.models, config.loader or _default_loader(config), config.preview, config.devices)
+        self.queue = JobQueue(config.models, config.queue_size, config.job_ttl, thread_init=_worker_thread_init,
+                              slots=len(self.models.devices))
         self.options: dict = {"sd_model_checkpoint": self.models.default, "samples_format": "png",
                               "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
 
-    def submit(self, spec: Spec, *, job_id: str | None = None, origin: str = "native") -> Job:
-        """Queue a resolved spec; QueueFull and ValueError (job id taken) propagate."""
-        return self.queue.submit(spec.model, lambda job: run(job, spec, self.models), job_id=job_id,
-                                 meta={"origin": origin, "settings": spec.settings()})
+    def submit(self, req: GenerationRequest, *, job_id: str | None = None, origin: str = "native") -> Job:
+        """Queue a resolved request; QueueFull and ValueError (job id taken) propagate."""
+        return self.queue.submit(req.model, lambda job: run(job, req, self.models), job_id=job_id,
+                                 meta={"origin": origin, "settings": native.settings_view(req)})
 
 
 # ==================================================================================================
@@ -161,13 +168,15 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return JSONResponse(body, 422)
 
 
-async def _input_error(request: Request, exc: InputError):
+async def _input_error(request: Request, exc: RequestError):
+    status = getattr(exc, "status", 404 if exc.not_found else 422)
     if _is_a1111(request):
-        name = a1111.FIELD_NAMES.get(exc.field, exc.field)
+        name = a1111.field_name(exc.field)
         return JSONResponse({"error": "InputError", "detail": exc.message, "field": name, "body": "",
-                             "errors": f"{name}: {exc.message}"}, exc.status)
-    return JSONResponse({"detail": [{"loc": ["body", *exc.field.split(".")], "msg": exc.message,
-                                     "type": "value_error"}]}, exc.status)
+                             "errors": f"{name}: {exc.message}"}, status)
+    name = native.field_name(exc.field)
+    return JSONResponse({"detail": [{"loc": ["body", *name.split(".")], "msg": exc.message,
+                                     "type": "value_error"}]}, status)
 
 
 async def _queue_full(request: Request, exc: QueueFull):
@@ -203,7 +212,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.state.server = server
     app.add_middleware(GuardMiddleware, api_key=config.api_key)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(RequestError, _input_error)
     app.add_exception_handler(QueueFull, _queue_full)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(native.router)

@@ -12,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES
-from .generation import InputError, Spec, latents_from_bytes, resolve
+from ..request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions
+from .generation import InputError, latents_from_bytes, resolve_request
 from .images import ImageInputError, b64, decode_image
 from .queue import FINISHED, RUNNING, Job
 from .schemas import GenerateRequest, JobView, ModelView, SamplersView
@@ -29,32 +30,85 @@ def image_field(text: str | None, field: str, mode: str = "RGB"):
         raise InputError(field, f"{field}: {e}") from None
 
 
-def spec_from_request(body: GenerateRequest, server) -> Spec:
-    """Decode the images and check everything (runs in a thread: image decoding is CPU work)."""
+# GenerationRequest paths -> this API's (flat) field names, for error messages and the settings view
+FIELDS = {"image.image": "init_image", "image.strength": "strength", "image.mask": "mask",
+          "image.mask_blur": "mask_blur", "image.mask_invert": "mask_invert", "handoff.refiner": "refiner",
+          "handoff.switch_at": "refiner_switch_at", "handoff.mode": "refiner_mode",
+          "handoff.refiner_strength": "refiner_strength", "handoff.denoising_start": "denoising_start",
+          "handoff.denoising_end": "denoising_end", "handoff.latents": "latents", "image_prompt.image": "image_prompt",
+          "image_prompt.noise_level": "noise_level", "iterations": "batch"}
+
+
+def field_name(path: str) -> str:
+    return FIELDS.get(path) or (path.split(".", 1)[1] if path.startswith("conditions.") else path)
+
+
+def request_from_body(body: GenerateRequest) -> GenerationRequest:
+    """The native body -> a GenerationRequest (decodes the images: CPU work, so it runs in a thread)."""
     latents = None
     if body.latents is not None:
         try:
             raw = base64.b64decode(body.latents.data, validate=True)
         except (binascii.Error, ValueError):
-            raise InputError("latents", "latents.data is not valid base64") from None
+            raise InputError("handoff.latents", "latents.data is not valid base64") from None
         latents = latents_from_bytes(raw, tuple(body.latents.shape))
-    spec = Spec(
+    image = None
+    if body.init_image is not None:
+        image = ImageInput(image_field(body.init_image, "image.image"), strength=body.strength,
+                           mask=image_field(body.mask, "image.mask", "L"), mask_blur=body.mask_blur,
+                           mask_invert=body.mask_invert)
+    elif body.mask is not None:
+        raise InputError("image.mask", "a mask needs init_image (the picture to inpaint)")
+    image_prompt = None
+    if body.image_prompt is not None:
+        image_prompt = ImagePrompt(image_field(body.image_prompt, "image_prompt.image"), body.noise_level)
+    return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model, sampler=body.sampler,
         schedule=body.schedule, steps=body.steps, cfg=body.cfg, seed=body.seed, width=body.width, height=body.height,
-        batch=body.batch, guidance_rescale=body.guidance_rescale,
-        init_image=image_field(body.init_image, "init_image"), strength=body.strength,
-        mask=image_field(body.mask, "mask", "L"), mask_blur=body.mask_blur, mask_invert=body.mask_invert,
-        refiner=body.refiner, refiner_switch_at=body.refiner_switch_at, refiner_mode=body.refiner_mode,
-        refiner_strength=body.refiner_strength, denoising_start=body.denoising_start,
-        denoising_end=body.denoising_end, latents=latents, output_type=body.output_type,
-        original_size=body.original_size, crop=body.crop, target_size=body.target_size,
-        negative_original_size=body.negative_original_size, negative_crop=body.negative_crop,
-        negative_target_size=body.negative_target_size, aesthetic_score=body.aesthetic_score,
-        negative_aesthetic_score=body.negative_aesthetic_score,
-        image_prompt=image_field(body.image_prompt, "image_prompt"), noise_level=body.noise_level,
-        vae_tile=body.vae_tile,
+        batch=body.batch, guidance_rescale=body.guidance_rescale, output_type=body.output_type, vae_tile=body.vae_tile,
+        conditions=MicroConditions(
+            original_size=body.original_size, crop=body.crop, target_size=body.target_size,
+            negative_original_size=body.negative_original_size, negative_crop=body.negative_crop,
+            negative_target_size=body.negative_target_size, aesthetic_score=body.aesthetic_score,
+            negative_aesthetic_score=body.negative_aesthetic_score),
+        image=image, image_prompt=image_prompt,
+        handoff=Handoff(refiner=body.refiner, switch_at=body.refiner_switch_at, mode=body.refiner_mode,
+                        refiner_strength=body.refiner_strength, denoising_start=body.denoising_start,
+                        denoising_end=body.denoising_end, latents=latents),
     )
-    return resolve(spec, server.models, server.limits)
+
+
+def settings_view(req: GenerationRequest) -> dict:
+    """A resolved request as JSON in this API's field names (images described, not echoed), so a client can
+    send it back as a body."""
+    def img(v):
+        return None if v is None else f"{v.width}x{v.height} image" if hasattr(v, "width") else list(v.shape)
+
+    pair = lambda v: None if v is None else list(v)  # noqa: E731
+    mc, h, im, ip = req.conditions, req.handoff, req.image, req.image_prompt
+    return {
+        "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
+        "negative_prompt": req.negative_prompt if req.negative_prompt is None or isinstance(req.negative_prompt, str)
+        else list(req.negative_prompt),
+        "model": req.model, "sampler": req.sampler, "schedule": req.schedule, "steps": req.steps, "cfg": req.cfg,
+        "seed": req.seed, "width": req.width, "height": req.height, "batch": req.batch, "n_iter": req.iterations,
+        "guidance_rescale": req.guidance_rescale,
+        "init_image": img(im.image) if im else None, "strength": im.strength if im else None,
+        "mask": img(im.mask) if im else None, "mask_blur": im.mask_blur if im else 0.0,
+        "refiner": h.refiner, "refiner_switch_at": h.switch_at, "refiner_mode": h.mode,
+        "refiner_strength": h.refiner_strength, "denoising_start": h.denoising_start, "denoising_end": h.denoising_end,
+        "latents": img(h.latents), "output_type": req.output_type,
+        "original_size": pair(mc.original_size), "crop": pair(mc.crop), "target_size": pair(mc.target_size),
+        "negative_original_size": pair(mc.negative_original_size), "negative_crop": pair(mc.negative_crop),
+        "negative_target_size": pair(mc.negative_target_size), "aesthetic_score": mc.aesthetic_score,
+        "negative_aesthetic_score": mc.negative_aesthetic_score,
+        "image_prompt": img(ip.image) if ip else None, "noise_level": ip.noise_level if ip else 0,
+        "vae_tile": req.vae_tile,
+    }
+
+
+def prepare(body: GenerateRequest, server) -> GenerationRequest:
+    return resolve_request(request_from_body(body), server.models, server.limits)
 
 
 def job_view(job: Job, server, *, preview: bool = True, images: bool = True) -> dict:
@@ -71,7 +125,7 @@ def job_view(job: Job, server, *, preview: bool = True, images: bool = True) -> 
     }
     if out is not None:
         view["notes"] = out.notes
-        view["settings"] = out.settings
+        view["settings"] = settings_view(out.request)
         if images:
             view["images"] = [{"image": b64(i["png"]), "seed": i["seed"], "width": i["width"], "height": i["height"],
                                "infotext": i["infotext"]} for i in out.images]
@@ -93,8 +147,8 @@ def _job_or_404(server, job_id: str) -> Job:
              summary="Queue a generation; returns the job at once (poll it, or stream its events)")
 async def generate(body: GenerateRequest, request: Request, response: Response):
     server = request.app.state.server
-    spec = await run_in_threadpool(spec_from_request, body, server)
-    job = server.submit(spec, origin="native")
+    req = await run_in_threadpool(prepare, body, server)
+    job = server.submit(req, origin="native")
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job, server)
 

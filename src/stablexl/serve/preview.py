@@ -32,7 +32,10 @@ def fit_latent_rgb(pipe, size: int = 256, n: int = 4) -> Tensor:
     g = torch.Generator("cpu").manual_seed(0)
     colours = torch.rand((n, 3, 4, 4), generator=g) * 2 - 1
     images = F.interpolate(colours, size=(size, size), mode="bilinear", align_corners=False)  # smooth fields
-    lat = vae.encode(images).mean.float() * vae.config.scaling_factor  # (n, C, size/f, size/f)
+    w = next(vae.parameters(), None) if isinstance(vae, torch.nn.Module) else None
+    if w is not None:
+        images = images.to(w.device, w.dtype)
+    lat = vae.encode(images).mean.float().cpu() * vae.config.scaling_factor  # (n, C, size/f, size/f)
     target = F.avg_pool2d(images, f)  # (n, 3, size/f, size/f)
     x = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1])
     x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
@@ -67,6 +70,7 @@ class Previewer:
             return None
         lat = x0[:1].float()  # first image of the batch, (1, C, h, w)
         if self.mode == "approx":
+            lat = lat.cpu()
             w = self.matrix
             rgb = torch.einsum("chw,ck->khw", lat[0], w[:-1]) + w[-1].view(3, 1, 1)
             return _to_png(rgb, width, height)
@@ -74,4 +78,5 @@ class Previewer:
         if not last and now - self._last < self.min_interval:
             return None
         self._last = now
-        return _to_png(decode_latents(self.pipe.parts.vae, lat).images[0], width, height)
+        vae = self.pipe.parts.vae  # where it is now (with model offload: on the CPU during sampling)
+        return _to_png(decode_latents(vae, lat.to(next(vae.parameters()).device)).images[0], width, height)

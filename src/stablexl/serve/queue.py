@@ -55,6 +55,7 @@ class Job:
     error: str | None = None
     error_kind: str | None = None  # "invalid" (the request's fault: ValueError & co.) or "internal"
     cancel_requested: bool = False
+    slot: int = 0  # which of its model's workers (devices) runs it
     version: int = 0  # bumped on every change; waiters compare against it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _waiters: list = field(default_factory=list, repr=False)
@@ -128,16 +129,21 @@ def _resolve(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-class _Worker:
-    """One thread running one model's jobs in submission order."""
+class _Lane:
+    """One model's FIFO of waiting jobs, served by one worker thread per slot (a slot is a device the model
+    is loaded on); `current[k]` is the job slot k is running."""
 
-    def __init__(self, queue: JobQueue, model: str):
+    def __init__(self, queue: JobQueue, model: str, slots: int):
         self.queue, self.model = queue, model
         self.pending: collections.deque[Job] = collections.deque()
-        self.current: Job | None = None
-        self.thread = threading.Thread(target=self._loop, name=f"stablexl-worker-{model}", daemon=True)
+        self.current: list[Job | None] = [None] * slots
+        self.threads = [threading.Thread(target=self._loop, args=(k,), name=f"stablexl-worker-{model}-{k}", daemon=True)
+                        for k in range(slots)]
 
-    def _loop(self) -> None:
+    def running(self) -> list[Job]:
+        return [j for j in self.current if j is not None]
+
+    def _loop(self, slot: int) -> None:
         q = self.queue
         if q.thread_init is not None:
             q.thread_init()
@@ -148,14 +154,15 @@ class _Worker:
                 if q._stopping:
                     return
                 job = self.pending.popleft()
-                job.state, job.started, self.current = RUNNING, time.time(), job
+                job.state, job.started, job.slot = RUNNING, time.time(), slot
+                self.current[slot] = job
             job.notify()
             t0 = time.monotonic()
             try:
                 result = job.run(job)
             except Cancelled:
                 job.state = CANCELLED
-            except (ValueError, FloatingPointError) as e:  # the pipeline's "bad input" contract
+            except (ValueError, FloatingPointError, MemoryError) as e:  # the pipeline's "bad input" contract
                 job.error, job.error_kind, job.state = str(e), "invalid", FAILED
             except Exception as e:  # noqa: BLE001 - a bug; keep serving, report it on the job
                 log.error("job %s failed:\n%s", job.id, traceback.format_exc())
@@ -164,7 +171,7 @@ class _Worker:
                 job.result, job.state = result, SUCCEEDED
             finally:
                 with q._cond:
-                    self.current = None
+                    self.current[slot] = None
                     job.finished = time.time()
                     job.preview = None  # previews are for running jobs only
                     q._record_duration(time.monotonic() - t0)
@@ -172,39 +179,44 @@ class _Worker:
 
 
 class JobQueue:
-    """Jobs by id, one FIFO worker per model, at most `max_pending` jobs waiting (not counting running ones).
+    """Jobs by id, one FIFO per model served by `slots` workers (one per device the model is loaded on), at
+    most `max_pending` jobs waiting (not counting running ones).
 
     Finished jobs are kept `ttl` seconds after they finish, whether or not anyone is still listening.
     """
 
     def __init__(self, models: list[str], max_pending: int = 32, ttl: float = 600.0,
-                 thread_init: Callable[[], None] | None = None):
+                 thread_init: Callable[[], None] | None = None, slots: int = 1):
         if max_pending < 1:
             raise ValueError(f"queue size must be at least 1, got {max_pending}")
         self.max_pending, self.ttl, self.thread_init = max_pending, ttl, thread_init
         self._cond = threading.Condition()
         self._stopping = False
         self._jobs: dict[str, Job] = {}
-        self._workers = {m: _Worker(self, m) for m in models}
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self._workers = {m: _Lane(self, m, slots) for m in models}
         self._mean_duration: float | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         for w in self._workers.values():
-            w.thread.start()
+            for t in w.threads:
+                t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything, let running jobs reach their next step, join the threads."""
         with self._cond:
             self._stopping = True
             for w in self._workers.values():
-                if w.current is not None:
-                    w.current.cancel_requested = True
+                for job in w.running():
+                    job.cancel_requested = True
             self._cond.notify_all()
         for w in self._workers.values():
-            if w.thread.is_alive():
-                w.thread.join(timeout)
+            for t in w.threads:
+                if t.is_alive():
+                    t.join(timeout)
         for w in self._workers.values():
             while w.pending:
                 job = w.pending.popleft()
@@ -261,7 +273,7 @@ class JobQueue:
 
     def running(self) -> list[Job]:
         with self._cond:
-            return [w.current for w in self._workers.values() if w.current is not None]
+            return [j for w in self._workers.values() for j in w.running()]
 
     def position(self, job: Job) -> int | None:
         """0-based place among the jobs waiting for the same model, or None when not waiting."""
@@ -278,14 +290,16 @@ class JobQueue:
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: one average job per worker (at least 1 s)."""
         mean = self._mean_duration or 1.0
-        return max(1, math.ceil(mean * max(1, self.pending_count()) / max(1, len(self._workers))))
+        workers = sum(len(w.threads) for w in self._workers.values())
+        return max(1, math.ceil(mean * max(1, self.pending_count()) / max(1, workers)))
 
     def status(self) -> dict:
         with self._cond:
             return {
                 "pending": self.pending_count(), "max_pending": self.max_pending,
-                "running": [w.current.id for w in self._workers.values() if w.current is not None],
-                "workers": {m: {"pending": len(w.pending), "running": w.current.id if w.current else None}
+                "running": [j.id for w in self._workers.values() for j in w.running()],
+                "workers": {m: {"pending": len(w.pending), "running": ([j.id for j in w.running()] or [None])[0]
+                                if len(w.threads) == 1 else [j.id for j in w.running()]}
                             for m, w in self._workers.items()},
                 "stored_jobs": len(self._jobs), "job_ttl": self.ttl,
             }

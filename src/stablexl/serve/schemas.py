@@ -129,6 +129,7 @@ class ModelView(BaseModel):
     size_multiple: int
     default: bool
     defaults: dict[str, Any]
+    devices: list[str] = []
     inpainting: bool
     notes: list[str]
 

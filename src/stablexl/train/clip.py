@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.clip import CLIPVisionModel
+from ..io.components import save_component
+from ..models.clip import CLIPModel, CLIPVisionModel
 from ..models.tokenizer import default_tokenizer
-from .components import CLIPModel, save_component
 from .data import TrainData
 from .loop import Context, OptimizerSpec
 

@@ -72,8 +72,9 @@ def _init(seed: int):
 
 def build_task(a: argparse.Namespace):
     if a.task == "clip":
+        from ..io.components import load_component_file
+        from ..models.clip import CLIPModel
         from .clip import CLIPTask
-        from .components import CLIPModel, load_component_file
 
         cfg = preset(a.model)
         _init(a.seed)
@@ -88,8 +89,8 @@ def build_task(a: argparse.Namespace):
             else (PAD_EOS, PAD_ZERO)[: len(model.texts)]
         return CLIPTask(model, make_data(a, square=a.bucket_size), pads)
     if a.task == "vae":
+        from ..io.components import load_component_file
         from ..models.vae import AutoencoderKL
-        from .components import load_component_file
         from .vae import VAETask, VAETrainOptions
 
         _init(a.seed)
@@ -112,9 +113,9 @@ def build_task(a: argparse.Namespace):
 
 
 def _unet_parts(a: argparse.Namespace):
+    from ..io.components import load_component_file
     from ..io.models import load_model
     from ..models.parts import build_parts
-    from .components import load_component_file
 
     if a.model in PRESETS and not Path(a.model).exists():
         _init(a.seed)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io.components import save_component
 from ..models.vae import AutoencoderKL
-from .components import save_component
 from .data import TrainData
 from .loop import Context, OptimizerSpec
 from .perceptual import make_perceptual
