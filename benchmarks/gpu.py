@@ -398,6 +398,7 @@ class Bench:
             return False
         self.diffusers = diffusers
         self.details["diffusers"] = diffusers.__version__
+        self.details["diffusers.path"] = os.path.dirname(diffusers.__file__)
         return True
 
     def diffusers_generate(self, dp, steps: int, size: int, output_type: str = "pil"):

@@ -69,7 +69,7 @@ def test_mask_size_mismatch(tmp_path, capsys):
     Image.new("RGB", (64, 64)).save(src)
     Image.new("L", (32, 32)).save(mask)
     assert main(["generate", "x", "--init-image", str(src), "--mask", str(mask), "--quiet"]) == 2
-    assert "mask is 32x32 but the image is 64x64" in capsys.readouterr().err
+    assert "--mask: mask is 32x32 but the init image is 64x64" in capsys.readouterr().err
 
 
 class _noop:

@@ -64,10 +64,10 @@ FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "steps": "-
 
 def request_from_args(args: argparse.Namespace):
     """The `generate` flags -> a GenerationRequest (the CLI's one translation)."""
-    from .request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions, RequestError
+    from .request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions
 
     if args.mask and not args.init_image:
-        raise RequestError("image.mask", "a mask needs an init image (the picture to inpaint)")
+        raise ValueError("--mask needs --init-image (the picture to inpaint)")
     pair = lambda v: tuple(v) if v else None  # noqa: E731
     return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
@@ -186,7 +186,8 @@ def _eval(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     results = evaluate(args.model, args.data, args.clip, style=args.style, n_prompts=args.prompts, seed=args.seed,
                        steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
-                       output=args.output, inception_path=args.inception, score_clip_path=args.score_clip, log=log)
+                       output=args.output, inception_path=args.inception, score_clip_path=args.score_clip, log=log,
+                       device=args.device, dtype=args.dtype)
     print("\n".join(summary_lines(results)))
     print(f"wrote {args.output}/results.json, contact_sheet.png and images/")
     return 0
@@ -213,6 +214,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--inception", default=None, help="local inception-2015-12-05.pt (TorchScript) to also report FID")
     e.add_argument("--score-clip", default=None,
                    help="a second CLIP for CLIP score and retrieval: clip.safetensors or a local transformers CLIP folder")
+    e.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
+    e.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="compute dtype; auto: fp16 on CUDA/MPS, fp32 on the CPU")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=_eval)
 
@@ -262,6 +266,9 @@ def _add_train(sub) -> None:
         g.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay with warm-up; 0 = off (default {d['ema_decay']})")
         g.add_argument("--seed", type=int, default=0, help="seeds init, data order, noise, dropout")
         g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+        g.add_argument("--device", default="auto", help="outside torchrun: auto (CUDA, then MPS, then CPU) | cpu | "
+                                                        "cuda | cuda:N | mps; under torchrun each process takes the "
+                                                        "GPU of its LOCAL_RANK")
         g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
         g.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard weights, gradients, optimizer and EMA state over the processes "

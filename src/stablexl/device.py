@@ -1,6 +1,7 @@
 """Where a pipeline runs and in what precision: chosen once per pipeline, never by the stored dtype.
 
-- Device `auto`: CUDA, then MPS, then the CPU (what diffusers' users set by hand and ComfyUI picks).
+- Device `auto`: CUDA, then MPS, then the CPU (what diffusers' users set by hand and ComfyUI picks), unless
+  $STABLEXL_DEVICE names one (as the test suite's `--device` does). $STABLEXL_DTYPE does the same for dtype.
 - Compute dtype `auto`: fp16 on CUDA and MPS (what diffusers' SDXL examples and ComfyUI use), fp32 on the
   CPU whatever the file stores. bf16 on the CPU only when asked: on our AVX-512 machines oneDNN's bf16 was
   measured no faster than fp32, with or without AMX listed (../shared/reference/performance.md §2), so
@@ -13,6 +14,8 @@
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -33,6 +36,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if isinstance(name, torch.device):
         name = str(name)
     name = "auto" if name is None else str(name).strip().lower()
+    if name == "auto" and os.environ.get("STABLEXL_DEVICE", "auto").strip().lower() not in ("", "auto"):
+        return resolve_device(os.environ["STABLEXL_DEVICE"])  # the environment's choice (the test suite's --device)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -64,6 +69,9 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
             raise ValueError(f"unsupported compute dtype {name}; use fp32, fp16 or bf16")
         return name
     if name is None or name == "auto":
+        env = os.environ.get("STABLEXL_DTYPE", "auto").strip().lower()
+        if env not in ("", "auto"):
+            return resolve_dtype(env, device)
         return torch.float16 if device.type in ("cuda", "mps") else torch.float32
     try:
         return DTYPES[name]

@@ -116,14 +116,15 @@ def latents_to_images(t: Tensor) -> list[Image.Image]:
 
 class Pipeline:
     def __init__(self, parts: ModelParts, tokenizer: CLIPTokenizer | None = None, name: str | None = None,
-                 memory: MemoryPolicy | str | None = None, *, device: str | torch.device = "cpu",
-                 offload: str = "none", compile: bool = False):
-        """Wire loaded parts. `device` is where they compute (they are moved there unless offloaded); the
-        compute dtype is the UNet's. Use `from_pretrained` to choose device and dtype by name."""
+                 memory: MemoryPolicy | str | None = None, *, device: str | torch.device | None = None,
+                 offload: str = "none", compile: bool | str = False):
+        """Wire loaded parts. `device` is where they compute (they are moved there unless offloaded; None: where
+        the UNet already is); the compute dtype is the UNet's. `from_pretrained` chooses device and dtype by name.
+        `compile`: True (inductor) or a torch.compile backend name."""
         if parts.config.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "sd2-unclip"):
             raise ValueError(f"no pipeline for model family {parts.config.family!r}")
         self.parts = parts
-        self.device = resolve_device(device)
+        self.device = resolve_device(device) if device is not None else next(parts.unet.parameters()).device
         self.offload = check_offload(offload)
         # Random and zeroed conditioning drive activations into subnormal floats, which x86 CPUs process
         # up to ~50x slower (measured: 1.9 s -> 0.037 s per tiny UNet call). Flushing them to zero changes
@@ -135,14 +136,15 @@ class Pipeline:
         self.schedule = NoiseSchedule.ddpm(zero_terminal_snr=parts.config.zero_terminal_snr)
         self.memory = MemoryPolicy.named(memory)
         home = torch.device("cpu") if self.offload != "none" else self.device
-        for m in parts.modules().values():
-            m.to(home)
+        if device is not None or self.offload != "none":
+            for m in parts.modules().values():
+                m.to(home)
         if self.offload == "sequential":
             for m in parts.modules().values():
                 stream_weights(m, self.device)
         self.compiled = bool(compile)
-        if self.compiled:  # in place, so the module keeps its identity (hooks, reusing_context, state_dict)
-            parts.unet.compile()
+        if self.compiled:  # in place, so the module keeps its identity (hooks, state_dict)
+            parts.unet.compile(**({} if compile is True else {"backend": compile}))
         self._release(*parts.modules().values())  # the loader's NaN check touched every weight
 
     @property
@@ -195,7 +197,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, device: str | torch.device = "auto",
                         dtype: str | torch.dtype | None = "auto", memory: MemoryPolicy | str | None = None,
-                        offload: str = "none", compile: bool = False, vae: str | os.PathLike | None = None,
+                        offload: str = "none", compile: bool | str = False, vae: str | os.PathLike | None = None,
                         allow_pickle: bool = False, variant: str | None = None, prediction: str | None = None,
                         config: ModelConfig | None = None) -> "Pipeline":
         """A checkpoint path / diffusers folder / HF cache id, "mini" (the shipped miniature, trained on emoji
@@ -415,8 +417,10 @@ class Pipeline:
         return GenerationResult(latents_to_images(images), x, seeds, req, notes, noise=noise)
 
     def _decode(self, x: Tensor, tile: int | None):
-        """VAE decode; on an out-of-memory error, retried in tiles of 64 then 32 latents (512 / 256 px)."""
-        tiles = [tile] + [t for t in (64, 32) if tile is None or t < tile]
+        """VAE decode; on an out-of-memory error, retried in tiles of half, then a quarter, of the latent side
+        (at least 8 latents = 64 px; seams blended, reference: decode_latents' tiling)."""
+        side = max(x.shape[-2:])
+        tiles = [tile] + [side // d for d in (2, 4) if side // d >= 8 and (tile is None or side // d < tile)]
         for k, t in enumerate(tiles):
             try:
                 return decode_latents(self.parts.vae, x, tile=t)  # tile: latent tile side, e.g. 64 = 512 px
@@ -424,10 +428,11 @@ class Pipeline:
                 if not is_out_of_memory(e):
                     raise
                 empty_cache(self.device)
-                if k == len(tiles) - 1 or max(x.shape[-2:]) <= tiles[k + 1]:
-                    raise MemoryError(f"the VAE decode of a {x.shape[-1] * 8}x{x.shape[-2] * 8} image ran out of "
-                                      f"memory on {self.device} even in tiles of {t or 'the whole image'} latents; "
-                                      "use a smaller size or batch, --offload model, or the CPU") from None
+                if k == len(tiles) - 1:
+                    raise MemoryError(f"the VAE decode of a {x.shape[-1] * 8}x{x.shape[-2] * 8} image (batch "
+                                      f"{x.shape[0]}) ran out of memory on {self.device}, also in tiles of "
+                                      f"{t or side} latents; use a smaller size or batch, --offload model, or the "
+                                      "CPU") from None
                 log.warning("VAE decode ran out of memory on %s; retrying in tiles of %d latents", self.device,
                             tiles[k + 1])
         raise AssertionError("unreachable")

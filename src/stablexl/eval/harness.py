@@ -133,10 +133,12 @@ def _alignment(img_emb: Tensor, candidates: list[Tensor], targets: Tensor) -> tu
 def evaluate(model, data_dir: str | Path, clip_path: str | Path, *, style: str = "twemoji", n_prompts: int = 200,
              seed: int = 0, steps: int = 30, cfg: float = 5.0, sampler: str = "dpmpp_2m", schedule: str = "karras",
              batch: int = 25, output: str | Path | None = None, inception_path: str | Path | None = None,
-             score_clip_path: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict:
+             score_clip_path: str | Path | None = None, log: Callable[[str], None] | None = None,
+             device: str = "auto", dtype: str = "auto") -> dict:
     """Generate one image per drawn emoji name and score it (see the module docstring).
 
-    `model`: anything `Pipeline.from_pretrained` reads, or a Pipeline (or an object called like one);
+    `model`: anything `Pipeline.from_pretrained` reads (loaded on `device` in `dtype`), or a Pipeline (or an
+    object called like one);
     `clip_path`: the clip.safetensors of `stablexl train clip`; `score_clip_path`: an optional second CLIP
     (component or local transformers folder) for CLIP score and retrieval; `inception_path`: the TorchScript
     FID Inception, for true FID. With `output`, writes the images, contact_sheet.png and results.json there.
@@ -163,7 +165,7 @@ def evaluate(model, data_dir: str | Path, clip_path: str | Path, *, style: str =
     ref_names = sorted(ref.images)
     ref_imgs = [_open(ref.images[n]) for n in ref_names]
     by_name = isinstance(model, (str, os.PathLike))
-    pipe = Pipeline.from_pretrained(model) if by_name else model
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype) if by_name else model
 
     generated, infos = generate(pipe, prompts, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule,
                                 batch=batch, log=log)

@@ -56,6 +56,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    device: str = "cpu"  # single process: auto | cpu | cuda | cuda:N | mps (under torchrun: each rank's GPU)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -133,16 +134,20 @@ class Task(Protocol):
 # --------------------------------------------------------------------------------------------------
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world, device) from torchrun's environment; a single process when not launched by it."""
+def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world, device) from torchrun's environment; a single process when not launched by it, on
+    `device_name` (auto: CUDA, then MPS, then CPU). Under torchrun each process takes the GPU of its
+    LOCAL_RANK (NCCL) unless `device_name` is "cpu" (gloo)."""
+    from ..device import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, torch.device("cpu")
+        return 0, 1, resolve_device(device_name)
+    use_cuda = torch.cuda.is_available() and str(device_name) != "cpu"
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return rank, world, device
@@ -260,7 +265,7 @@ def train(task: Task, cfg: TrainConfig, out: str | os.PathLike, *, resume: str |
     (on rank 0). `resume`: True/"auto" = the latest state in `out`, or a state file path."""
     out = Path(out)
     reuse_freed_memory()  # activations reuse freed heap blocks (stablexl/memory.py): no page faults per step
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     existing = latest_state(out) if out.is_dir() else None

@@ -44,7 +44,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         lr=a.lr if a.lr is not None else d["lr"], warmup_steps=a.warmup_steps, decay_steps=a.decay_steps,
         weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, ema_decay=a.ema_decay if a.ema_decay is not None else d["ema_decay"], seed=a.seed,
-        precision=a.precision, checkpoint_every=a.checkpoint_every,
+        precision=a.precision, device=getattr(a, "device", "cpu") or "cpu", checkpoint_every=a.checkpoint_every,
         keep_checkpoints=a.keep_checkpoints, log_every=a.log_every, sample_every=a.sample_every, fsdp=a.fsdp,
     )
 

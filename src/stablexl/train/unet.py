@@ -122,7 +122,8 @@ class UNetTask:
 
     def conditioning(self, captions, original_size: Tensor, crop: Tensor, target: Tensor, keep: Tensor) -> Conditioning:
         """keep (B, 4) in {0, 1}: text, original size, crop, target size (0 = dropped, i.e. zeroed)."""
-        context, pooled = self.encode_captions(captions)
+        context, pooled = self.encode_captions(captions)  # cached on the text towers' device (the CPU)
+        context, pooled = context.to(keep.device), None if pooled is None else pooled.to(keep.device)
         k_text = keep[:, 0].reshape(-1, 1, 1)
         context = context * k_text
         if self.parts.config.family != "sdxl-base":
@@ -140,6 +141,7 @@ class UNetTask:
     def latents(self, ctx: Context, data_step: int, gen: torch.Generator):
         """This rank's (z0, captions, original, crop, target) for one micro-step."""
         vae, sf = self.parts.vae, self.parts.config.vae.scaling_factor
+        vae.to(ctx.device)  # frozen: the loop moves only the trained modules (a no-op after the first call)
         if not self.opt.cache_latents:
             b = self.data.batch(data_step, ctx.rank, ctx.world)
             post = vae.encode(b.pixels.to(ctx.device))
