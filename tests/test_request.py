@@ -245,3 +245,17 @@ def test_infotext_round_trips_the_resolved_request(device, init_image):
     assert (got["sampler"], got["schedule"], got["guidance_rescale"]) == ("dpmpp_2m", "karras", 0.7)
     assert got["extra"]["Denoising strength"] == "0.5" and got["extra"]["Original size"] == "48x32"
     assert got["extra"]["Crop"] == "0x8" and "Target size" not in got["extra"]  # the default is not written
+
+
+def test_request_from_infotext_repeats_the_picture(device, tmp_path):
+    """The infotext read back is a request again: the PNG's settings regenerate the same image."""
+    from stablexl.io.metadata import read_png_settings, request_from_infotext, save_png
+
+    p = pipe("tiny-sdxl", device)
+    first = p.generate(GenerationRequest("a cat", "dog", steps=4, seed=12, sampler="Euler a", schedule="karras",
+                                         guidance_rescale=0.3, width=64, height=48,
+                                         conditions=MicroConditions(original_size=(32, 48), crop=(8, 4))))
+    path = save_png(first.images[0], tmp_path / "o.png", first.infotext(0))
+    again = p.generate(request_from_infotext(read_png_settings(path)))
+    assert again.request == first.request
+    assert torch.equal(again.latents, first.latents)

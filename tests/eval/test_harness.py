@@ -249,9 +249,12 @@ class ReplayPipeline:
         self.calls.append((len(prompts), seed))
         names = [p.removesuffix(", twemoji style") for p in prompts]
         images = [Image.open(self.ref.images[n]).convert("RGB") for n in names]
-        settings = {"prompt": prompts, "negative_prompt": None, "steps": steps, "cfg": cfg, "seed": seed,
-                    "width": width, "height": height, "sampler": sampler, "schedule": schedule, "model": self.name}
-        return SimpleNamespace(images=images, settings=settings)
+        from stablexl.io.metadata import generation_infotext
+        from stablexl.request import GenerationRequest
+
+        req = GenerationRequest(prompt=tuple(prompts), steps=steps, cfg=cfg, seed=seed, width=width, height=height,
+                                sampler=sampler, schedule=schedule, batch=len(prompts), model=self.name)
+        return SimpleNamespace(images=images, request=req, infotext=lambda k: generation_infotext(req, k))
 
 
 def test_a_model_that_reproduces_the_dataset_scores_like_the_real_images(emoji_data, clip_file):

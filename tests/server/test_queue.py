@@ -140,3 +140,31 @@ def test_job_changed_wakes_async_waiters_from_another_thread():
         assert v == 1 and job.step == 1
         assert await job.changed(v, timeout=0.05) == v  # times out without a change
     asyncio.run(main())
+
+
+def test_one_worker_per_model_and_device():
+    """`--device` repeated: each model is loaded once per device and each copy has its own worker, so two jobs
+    for one model run at the same time; a job's images come from the copy that ran it."""
+    from .conftest import GatedPipeline
+
+    pipes = {}
+
+    def load(name, device):
+        pipes[device] = GatedPipeline()
+        pipes[device].device = device
+        return pipes[device]
+
+    with client(loader=load, preview="none", devices=["cpu", "cpu:0"]) as c:
+        assert sorted(pipes) == ["cpu", "cpu:0"]
+        assert c.get("/v1/models").json()[0]["devices"] == ["cpu", "cpu:0"]
+        a, b = _submit(c, "a"), _submit(c, "b")
+        assert pipes["cpu"].entered.wait(10) and pipes["cpu:0"].entered.wait(10), "both devices took a job"
+        states = {c.get(f"/v1/jobs/{j['id']}").json()["state"] for j in (a, b)}
+        assert states == {"running"}
+        for p in pipes.values():
+            p.gate.set()
+        assert [wait_job(c, j["id"])["state"] for j in (a, b)] == ["succeeded", "succeeded"]
+        assert sorted(pipes["cpu"].calls + pipes["cpu:0"].calls) == ["a", "b"]
+    with pytest.raises(ValueError, match="a device is listed twice"):
+        with client(loader=load, devices=["cpu", "cpu"]):
+            pass

@@ -67,6 +67,30 @@ def generation_infotext(req, index: int, *, model_hash: str | None = None) -> st
     return infotext(prompts[k], negatives[k] if negatives else None, params)
 
 
+def request_from_infotext(parsed: dict):
+    """A parsed infotext (`parse_infotext` / `read_png_settings`, any source) -> the GenerationRequest that
+    repeats its text-to-image settings (A1111's "send to txt2img"). Images (init image, mask, image prompt)
+    are not in the text, so image-to-image settings are not carried; names go through the one name table
+    when the request is resolved."""
+    from ..request import GenerationRequest, MicroConditions
+
+    extra = parsed.get("extra", {})
+
+    def hw(key):  # infotext writes sizes "WxH"; the request holds (H, W)
+        m = _SIZE.match(str(extra.get(key, "")))
+        return (int(m.group(2)), int(m.group(1))) if m else None
+
+    crop = hw("Crop")  # written "LEFTxTOP" -> (top, left)
+    return GenerationRequest(
+        prompt=parsed.get("prompt", ""), negative_prompt=parsed.get("negative_prompt") or None,
+        steps=parsed.get("steps"), cfg=parsed.get("cfg"), seed=parsed.get("seed"), width=parsed.get("width"),
+        height=parsed.get("height"), sampler=parsed.get("sampler"), schedule=parsed.get("schedule"),
+        guidance_rescale=parsed.get("guidance_rescale") or 0.0,
+        conditions=MicroConditions(original_size=hw("Original size"), target_size=hw("Target size"),
+                                   crop=crop if crop is not None else (0, 0)),
+    )
+
+
 def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
