@@ -259,3 +259,29 @@ def test_request_from_infotext_repeats_the_picture(device, tmp_path):
     again = p.generate(request_from_infotext(read_png_settings(path)))
     assert again.request == first.request
     assert torch.equal(again.latents, first.latents)
+
+
+def test_custom_sigmas_and_eta(device):
+    p = pipe("tiny-sdxl", device)
+    from stablexl.diffusion.schedule import make_sigmas
+
+    # a custom list starts at noise * sigmas[0] (k-diffusion, ComfyUI), as Euler with trailing spacing does
+    trailing = [float(v) for v in make_sigmas(p.schedule, 5, "trailing")]
+    want = p("x", steps=5, seed=3, sampler="euler", schedule="trailing")
+    got = p("x", seed=3, sampler="euler", sigmas=trailing[:-1])  # the final 0 is appended
+    assert got.request.steps == 5 and got.request.schedule == "custom"
+    assert torch.allclose(got.latents, want.latents, rtol=0, atol=1e-6)
+    text = parse_infotext(got.infotext(0))
+    assert text["extra"]["Sigmas"].count(",") == 5
+    with pytest.raises(RequestError, match="strictly descending"):
+        p("x", sigmas=[1.0, 2.0])
+    with pytest.raises(RequestError, match="disagrees"):
+        p("x", sigmas=[3.0, 1.0], steps=4)
+    a = p("x", steps=4, seed=3, sampler="ddim", eta=0.0)
+    b = p("x", steps=4, seed=3, sampler="ddim")
+    c = p("x", steps=4, seed=3, sampler="ddim", eta=1.0)
+    assert torch.equal(a.latents, b.latents) and not torch.allclose(a.latents, c.latents)
+    assert parse_infotext(c.infotext(0))["extra"]["Eta"] == "1.0"
+    with pytest.raises(RequestError, match="takes no eta") as e:
+        p("x", steps=4, sampler="euler", eta=0.5)
+    assert e.value.field == "eta"

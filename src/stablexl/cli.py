@@ -51,7 +51,7 @@ def _output_paths(output: str, n: int) -> list[str]:
 # GenerationRequest paths -> the `generate` flags, for error messages
 FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "steps": "--steps", "cfg": "--cfg",
          "seed": "--seed", "width": "--width", "height": "--height", "sampler": "--sampler", "schedule": "--schedule",
-         "batch": "--batch", "iterations": "--n-iter", "guidance_rescale": "--guidance-rescale", "model": "--model",
+         "batch": "--batch", "iterations": "--n-iter", "sigmas": "--sigmas", "eta": "--eta", "guidance_rescale": "--guidance-rescale", "model": "--model",
          "image.image": "--init-image", "image.strength": "--strength", "image.mask": "--mask",
          "image.mask_blur": "--mask-blur", "handoff.refiner": "--refiner", "handoff.switch_at": "--switch-at",
          "handoff.mode": "--refiner-mode", "handoff.refiner_strength": "--refiner-strength",
@@ -72,6 +72,7 @@ def request_from_args(args: argparse.Namespace):
     return GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
         width=args.width, height=args.height, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
+        sigmas=_floats(args.sigmas, "--sigmas"), eta=args.eta,
         iterations=args.n_iter, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
         conditions=MicroConditions(original_size=pair(args.original_size), crop=pair(args.crop) or (0, 0),
                                    target_size=pair(args.target_size), aesthetic_score=args.aesthetic_score,
@@ -82,6 +83,15 @@ def request_from_args(args: argparse.Namespace):
         handoff=Handoff(refiner=args.refiner, switch_at=args.switch_at, mode=args.refiner_mode,
                         refiner_strength=args.refiner_strength),
     )
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def load_options(args: argparse.Namespace) -> dict:
@@ -343,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default=None, help="ddpm ddim euler euler_ancestral heun dpmpp_2m dpmpp_2m_sde lcm, "
                                                    "or an A1111 name like 'DPM++ 2M Karras' (default: per model)")
     g.add_argument("--schedule", default=None, help="leading trailing linspace karras exponential (default: per model)")
+    g.add_argument("--sigmas", default=None,
+                   help="a custom noise schedule instead of --schedule: comma-separated descending sigmas (0 appended)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="noise of the stochastic samplers (DDIM eta; ancestral/SDE eta); default: the sampler's own")
     g.add_argument("--steps", type=int, default=None, help="sampling steps (default: per model)")
     g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (<= 1 disables it)")
     g.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi (0.7 suggested)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm")
 SCHEDULE_NAMES = ("leading", "trailing", "linspace", "karras", "exponential")
+# the samplers that take an `eta` (the amount of fresh noise per step); samplers.py checks their signatures
+ETA_SAMPLERS = frozenset({"ddim", "euler_ancestral", "dpmpp_2m_sde"})
 
 # our sampler / schedule names -> A1111 display names
 A1111_SAMPLER = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",

@@ -66,13 +66,16 @@ class SeededNoise:
 
 
 def denoise(model, x: Tensor, sigmas: Tensor, sampler: str, noise: SeededNoise,
-            callback: Callable[[int, int, Tensor, Tensor], Tensor | None] | None = None) -> Tensor:
-    """Run `sampler` from x at sigmas[0] down the schedule: the loop every pipeline uses."""
+            callback: Callable[[int, int, Tensor, Tensor], Tensor | None] | None = None, *,
+            eta: float | None = None) -> Tensor:
+    """Run `sampler` from x at sigmas[0] down the schedule: the loop every pipeline uses. `eta` (None: the
+    sampler's own default) reaches the samplers that take one."""
     try:
         fn = SAMPLERS[sampler]
     except KeyError:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}") from None
-    return fn(model, x, sigmas, noise=noise, callback=callback)
+    options = {} if eta is None else {"eta": eta}  # resolve() allows eta only for samplers that take it
+    return fn(model, x, sigmas, noise=noise, callback=callback, **options)
 
 
 def initial_noise_scale(sampler: str, schedule: str, sigma0: float) -> float:
@@ -82,8 +85,8 @@ def initial_noise_scale(sampler: str, schedule: str, sigma0: float) -> float:
     exponential, whose scheduler configs keep "leading") at √(σ_0² + 1), which is also what the
     VP-space schedulers (DDIM, DDPM, DPM-Solver) amount to (`init_noise_sigma`, reference §5.2).
     """
-    if sampler in EULER_FAMILY and schedule in ("trailing", "linspace"):
-        return sigma0
+    if schedule == "custom" or sampler in EULER_FAMILY and schedule in ("trailing", "linspace"):
+        return sigma0  # custom σ lists follow k-diffusion / ComfyUI: x = noise · σ_0
     return math.sqrt(sigma0**2 + 1)
 
 
@@ -317,7 +320,8 @@ class Pipeline:
         # pipeline call), plus the aesthetic scores that only it is conditioned on.
         stage_req = GenerationRequest(
             prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg=req.cfg, seed=seeds[0],
-            sampler=req.sampler, schedule=req.schedule, batch=req.batch, guidance_rescale=req.guidance_rescale,
+            sampler=req.sampler, schedule=req.schedule if req.sigmas is None else None, sigmas=req.sigmas, eta=req.eta,
+            batch=req.batch, guidance_rescale=req.guidance_rescale,
             conditions=MicroConditions(aesthetic_score=mc.aesthetic_score,
                                        negative_aesthetic_score=mc.negative_aesthetic_score),
             image=image, handoff=stage, vae_tile=req.vae_tile)
@@ -357,7 +361,10 @@ class Pipeline:
         # DDIM's last step lands on ᾱ_0 (σ_min), not ᾱ = 1, in both CompVis DDIM and diffusers with the SD
         # scheduler configs (`set_alpha_to_one: false`); every other sampler ends at σ = 0.
         final = self.schedule.sigma_min if req.sampler == "ddim" else 0.0
-        sigmas_full = make_sigmas(self.schedule, req.steps, req.schedule, final=final)
+        if req.sigmas is not None:
+            sigmas_full = torch.tensor(req.sigmas, dtype=torch.float32)
+        else:
+            sigmas_full = make_sigmas(self.schedule, req.steps, req.schedule, final=final)
         first, last = self.step_range(req.steps, sigmas_full, strength, h.denoising_start, h.denoising_end)
         sigmas = sigmas_full[first:last + 1]
 
@@ -396,7 +403,7 @@ class Pipeline:
             step_fn = _blend_known_region(F.interpolate(mask_t, size=(height // f, width // f)), image_latents,
                                           first_noise, sigmas, callback)
         with self._phase(unet), (contextlib.nullcontext() if self.compiled else unet.reusing_context()):
-            x = denoise(model, x, sigmas, req.sampler, noise, step_fn)
+            x = denoise(model, x, sigmas, req.sampler, noise, step_fn, eta=req.eta)
         if not torch.isfinite(x).all():
             raise FloatingPointError("sampling produced NaN/inf latents; try fp32 (--dtype fp32), a lower CFG or "
                                      "another sampler")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from .names import SCHEDULE_NAMES, parse_schedule, resolve_sampler
+from .names import ETA_SAMPLERS, SCHEDULE_NAMES, parse_schedule, resolve_sampler
 
 Pair = tuple[int, int]
 RefinerMode = Literal["handoff", "sdedit"]
@@ -112,6 +112,8 @@ class GenerationRequest:
     height: int | None = None
     sampler: str | None = None  # ours or a peer's name, e.g. "DPM++ 2M Karras"
     schedule: str | None = None
+    sigmas: tuple[float, ...] | None = None  # a custom σ schedule (descending; 0 appended), instead of `schedule`
+    eta: float | None = None  # the stochastic samplers' noise amount (DDIM η, ancestral / SDE η); None: each one's own
     batch: int = 1
     iterations: int = 1  # batches run one after another (A1111 n_iter)
     guidance_rescale: float = 0.0
@@ -328,11 +330,24 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     except ValueError as e:
         raise RequestError("sampler", str(e), not_found=True) from None
     schedule = parse_schedule(req.schedule) if req.schedule is not None else implied or d.schedule
-    if schedule not in SCHEDULE_NAMES:
+    sigmas = None
+    if req.sigmas is not None:  # a custom schedule: its length sets the step count
+        sigmas = _sigmas(req.sigmas)
+        if req.steps is not None and req.steps != len(sigmas) - 1:
+            raise RequestError("steps", f"steps {req.steps} disagrees with the {len(sigmas) - 1} steps of the custom "
+                                        "sigmas; leave steps unset")
+        schedule = "custom"
+    elif schedule not in SCHEDULE_NAMES:
         raise RequestError("schedule", f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULE_NAMES)}")
+    eta = None if req.eta is None else _number("eta", req.eta, lo=0.0, hi=10.0)
+    if eta is not None and sampler not in ETA_SAMPLERS:
+        raise RequestError("eta", f"sampler {sampler!r} takes no eta; leave eta unset or choose one of: "
+                                  f"{', '.join(sorted(ETA_SAMPLERS))}")
 
     # ---- numbers ------------------------------------------------------------------------------------
-    if req.steps is None:  # the model's default, capped by a server's limit so that it always runs
+    if sigmas is not None:
+        steps = _number("steps", len(sigmas) - 1, int, lo=1, hi=lim.max_steps)
+    elif req.steps is None:  # the model's default, capped by a server's limit so that it always runs
         steps = d.steps if lim.max_steps is None else min(d.steps, lim.max_steps)
     else:
         steps = _number("steps", req.steps, int, lo=1, hi=lim.max_steps)
@@ -490,10 +505,27 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     )
     return GenerationRequest(
         prompt=prompt, negative_prompt=negative, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
-        sampler=sampler, schedule=schedule, batch=batch, iterations=iterations, guidance_rescale=guidance_rescale,
+        sampler=sampler, schedule=schedule, sigmas=sigmas, eta=eta, batch=batch, iterations=iterations,
+        guidance_rescale=guidance_rescale,
         model=req.model or name or config.name, conditions=conditions, image=image_in, handoff=h,
         image_prompt=image_prompt, vae_tile=vae_tile, output_type=req.output_type,
     )
+
+
+def _sigmas(values) -> tuple[float, ...]:
+    """A custom σ list: finite, positive, strictly descending, then 0 (appended when missing)."""
+    try:
+        sig = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise RequestError("sigmas", f"sigmas must be a list of numbers, got {values!r}") from None
+    if sig and sig[-1] != 0.0:
+        sig = sig + (0.0,)
+    if len(sig) < 2 or not all(math.isfinite(v) for v in sig) or any(v <= 0 for v in sig[:-1]):
+        raise RequestError("sigmas", "sigmas must hold at least one positive, finite noise level (descending; "
+                                     "a final 0 is appended)")
+    if any(a <= b for a, b in zip(sig, sig[1:])):
+        raise RequestError("sigmas", f"sigmas must be strictly descending, got {list(sig)}")
+    return sig
 
 
 def _size_from(field_name: str, latents, f: int, width, height) -> tuple[int, int]:

@@ -10,13 +10,14 @@ known region back in this way).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ..names import SAMPLER_NAMES, resolve_sampler  # noqa: F401  (re-exported)
+from ..names import ETA_SAMPLERS, SAMPLER_NAMES, resolve_sampler  # noqa: F401  (re-exported)
 
 Model = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
@@ -187,3 +188,4 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 STOCHASTIC = {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "lcm"}
 assert set(SAMPLERS) == set(SAMPLER_NAMES)
+assert ETA_SAMPLERS == {k for k, f in SAMPLERS.items() if "eta" in inspect.signature(f).parameters}

@@ -58,6 +58,7 @@ def generation_infotext(req, index: int, *, model_hash: str | None = None) -> st
         "Refiner mode": h.mode if refiner and h.mode != "handoff" else None,
         "Refiner strength": h.refiner_strength if refiner and h.mode == "sdedit" else None,
         "Guidance rescale": req.guidance_rescale or None,
+        "Eta": req.eta, "Sigmas": None if req.sigmas is None else ", ".join(f"{v:g}" for v in req.sigmas),
         "Original size": size_text(mc.original_size) if mc.original_size not in (None, out_size) else None,
         "Target size": size_text(mc.target_size) if mc.target_size not in (None, out_size) else None,
         "Crop": f"{mc.crop[1]}x{mc.crop[0]}" if tuple(mc.crop or (0, 0)) != (0, 0) else None,
@@ -81,10 +82,13 @@ def request_from_infotext(parsed: dict):
         return (int(m.group(2)), int(m.group(1))) if m else None
 
     crop = hw("Crop")  # written "LEFTxTOP" -> (top, left)
+    sigmas = tuple(float(v) for v in str(extra["Sigmas"]).split(",")) if extra.get("Sigmas") else None
+    eta = _float(extra.get("Eta")) if extra.get("Eta") not in (None, "") else None
     return GenerationRequest(
         prompt=parsed.get("prompt", ""), negative_prompt=parsed.get("negative_prompt") or None,
         steps=parsed.get("steps"), cfg=parsed.get("cfg"), seed=parsed.get("seed"), width=parsed.get("width"),
-        height=parsed.get("height"), sampler=parsed.get("sampler"), schedule=parsed.get("schedule"),
+        height=parsed.get("height"), sampler=parsed.get("sampler"),
+        schedule=None if sigmas is not None else parsed.get("schedule"), sigmas=sigmas, eta=eta,
         guidance_rescale=parsed.get("guidance_rescale") or 0.0,
         conditions=MicroConditions(original_size=hw("Original size"), target_size=hw("Target size"),
                                    crop=crop if crop is not None else (0, 0)),

@@ -20,7 +20,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..io.metadata import MetadataError, parse_infotext
-from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES, parse_sampler, parse_schedule
+from ..names import (
+    A1111_SAMPLER, A1111_SCHEDULE, ETA_SAMPLERS, SAMPLER_NAMES, SCHEDULE_NAMES, parse_sampler, parse_schedule,
+)
 from ..request import GenerationRequest, Handoff, ImageInput, MicroConditions
 from .generation import InputError, resolve_request
 from .images import ImageInputError, b64, open_image, png_texts
@@ -114,6 +116,8 @@ def _request(body, server, image: ImageInput | None = None) -> GenerationRequest
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, model=model, sampler=sampler, schedule=schedule,
         steps=body.steps, cfg=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
+        # A1111 applies eta only to the samplers that have one and ignores it for the rest (clients always send it)
+        eta=body.eta if sampler in ETA_SAMPLERS else None,
         batch=body.batch_size, iterations=body.n_iter, image=image,
         handoff=Handoff(refiner=refiner, switch_at=body.refiner_switch_at if body.refiner_switch_at is not None else 0.8),
         conditions=MicroConditions(aesthetic_score=body.aesthetic_score,

@@ -64,7 +64,8 @@ def request_from_body(body: GenerateRequest) -> GenerationRequest:
         image_prompt = ImagePrompt(image_field(body.image_prompt, "image_prompt.image"), body.noise_level)
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model, sampler=body.sampler,
-        schedule=body.schedule, steps=body.steps, cfg=body.cfg, seed=body.seed, width=body.width, height=body.height,
+        schedule=body.schedule, sigmas=None if body.sigmas is None else tuple(body.sigmas), eta=body.eta,
+        steps=body.steps, cfg=body.cfg, seed=body.seed, width=body.width, height=body.height,
         batch=body.batch, guidance_rescale=body.guidance_rescale, output_type=body.output_type, vae_tile=body.vae_tile,
         conditions=MicroConditions(
             original_size=body.original_size, crop=body.crop, target_size=body.target_size,
@@ -90,7 +91,8 @@ def settings_view(req: GenerationRequest) -> dict:
         "prompt": req.prompt if isinstance(req.prompt, str) else list(req.prompt),
         "negative_prompt": req.negative_prompt if req.negative_prompt is None or isinstance(req.negative_prompt, str)
         else list(req.negative_prompt),
-        "model": req.model, "sampler": req.sampler, "schedule": req.schedule, "steps": req.steps, "cfg": req.cfg,
+        "model": req.model, "sampler": req.sampler, "schedule": None if req.sigmas is not None else req.schedule,
+        "sigmas": None if req.sigmas is None else list(req.sigmas), "eta": req.eta, "steps": req.steps, "cfg": req.cfg,
         "seed": req.seed, "width": req.width, "height": req.height, "batch": req.batch, "n_iter": req.iterations,
         "guidance_rescale": req.guidance_rescale,
         "init_image": img(im.image) if im else None, "strength": im.strength if im else None,

@@ -44,6 +44,9 @@ class GenerateRequest(BaseModel):
     model: Name | None = Field(None, description="a loaded model (GET /v1/models); null: the default one")
     sampler: Name | None = Field(None, description="our name (GET /v1/samplers) or an A1111 name, e.g. 'DPM++ 2M Karras'")
     schedule: Name | None = Field(None, description="leading trailing linspace karras exponential")
+    sigmas: list[Annotated[float, Field(ge=0.0, le=1e4)]] | None = Field(
+        None, max_length=1001, description="a custom descending noise schedule (0 appended); sets the step count")
+    eta: float | None = Field(None, ge=0.0, le=10.0, description="stochastic samplers' noise; null: the sampler's own")
     steps: int | None = Field(None, ge=1, le=10_000)
     cfg: float | None = Field(None, ge=0.0, le=100.0)
     seed: Seed | None = None
