@@ -450,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .train.state import StateWriteError  # a disk that filled while a training state was written
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -457,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             args._parser.set_defaults(**args._config_loader(args.config))
             args = parser.parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # CheckpointError is a ValueError
+    except (ValueError, FileNotFoundError, FloatingPointError, MemoryError, StateWriteError) as e:  # CheckpointError is a ValueError
         msg = str(e).replace("allow_pickle=True (CLI: --allow-pickle)", "--allow-pickle")
         print(f"stablexl {args.command}: error: {msg}", file=sys.stderr)
         return 2

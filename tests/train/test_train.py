@@ -302,3 +302,37 @@ def test_fused_adamw_is_used_and_kept_after_resume(shapes_data, tmp_path, monkey
     save_state(state, tensors, old)
     assert main(common + ["--steps", "3", "--resume"]) == 0
     assert seen == [{(True, None)}] * 3  # the resumed step too: an old state must not bring back the slow kernel
+
+
+def test_disk_full_while_writing_a_state_keeps_the_previous_one(shapes_data, tmp_path, monkeypatch, capsys):
+    """ENOSPC part-way through a state: a clear error, no partial file, the earlier state loads, and --resume
+    continues from it to the end."""
+    import errno as errno_mod
+
+    import stablexl.io.checkpoint as ck
+    from stablexl.cli import main
+
+    out = tmp_path / "run"
+    args = UNET + ["--data", str(shapes_data), "--steps", "4", "--checkpoint-every", "2", "--output", str(out)]
+    real = ck.save_file
+    calls = []
+
+    def fill_the_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if "state-00000004" in str(filename):
+            with open(filename, "wb") as f:  # part of the file is written, then the disk is full
+                f.write(b"\0" * 1000)
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", fill_the_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "state-00000002.safetensors is intact" in err and "--resume" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("state-")) == ["state-00000002.safetensors"]
+    tensors, meta = load_state(out / "state-00000002.safetensors")
+    assert meta["step"] == 2
+    monkeypatch.setattr(ck, "save_file", real)
+    r = run(args + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and load_state(out / "state-00000004.safetensors")[1]["step"] == 4

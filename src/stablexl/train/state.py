@@ -8,6 +8,7 @@ damaged file is reported instead of loaded. Written atomically (temporary file, 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -65,10 +66,25 @@ def restore_rng(tensors: dict[str, Tensor], meta: dict) -> None:
     random.setstate((meta["python_version"], tuple(json.loads(meta["python"])), None))
 
 
+class StateWriteError(OSError):
+    """A training state could not be written (disk full, quota, I/O error); the previous state is untouched."""
+
+
 def save_state(path: str | Path, tensors: dict[str, Tensor], meta: dict) -> None:
+    """Write atomically (temporary file, fsync, rename): a failure part-way leaves no partial file, and the
+    run's earlier states intact."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     body = {"kind": KIND, "sha256": _digest(tensors), "meta": meta}
-    atomic_save_safetensors(tensors, path, {"stablexl.state": json.dumps(body)})
+    try:
+        atomic_save_safetensors(tensors, path, {"stablexl.state": json.dumps(body)})
+    except OSError as e:
+        path = Path(path)
+        earlier = latest_state(path.parent)
+        keep = f"the previous state {earlier.name} is intact" if earlier is not None else "no earlier state exists"
+        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{type(e).__name__}: {e}"
+        raise StateWriteError(e.errno, f"cannot write the training state {path.name}: {why}; {keep}. Free space "
+                                       f"(each state is about {sum(t.nbytes for t in tensors.values()) / 1e6:.0f} MB) "
+                                       "and continue with --resume") from None
 
 
 def load_state(path: str | Path) -> tuple[dict[str, Tensor], dict]:
