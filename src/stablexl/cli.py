@@ -164,7 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
                       max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                       max_batch=args.max_batch, queue_size=args.queue_size, job_ttl=args.job_ttl,
                       preview=args.preview, devices=args.device or ["auto"], dtype=args.dtype,
-                      offload=args.offload, compile=args.compile, vae=args.vae))
+                      offload=args.offload, compile=args.compile, vae=args.vae, drain_timeout=args.drain_timeout,
+                      drain_grace=args.drain_grace))
     return 0
 
 
@@ -186,6 +187,10 @@ def _add_serve(sub) -> None:
     s.add_argument("--job-ttl", type=float, default=600.0, help="seconds a finished job stays retrievable")
     s.add_argument("--preview", choices=["approx", "full", "none"], default="approx",
                    help="live preview: linear latent->RGB fit, full VAE decode, or none")
+    s.add_argument("--drain-timeout", type=float, default=120.0,
+                   help="on SIGTERM/SIGINT: seconds to finish accepted jobs (new ones get 503) before cancelling the rest")
+    s.add_argument("--drain-grace", type=float, default=5.0,
+                   help="then seconds finished results stay retrievable before the process exits 0")
     add_load_options(s, repeat_device=True)
     s.set_defaults(func=_serve)
 

@@ -9,6 +9,8 @@ import base64
 import binascii
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class ServeConfig:
     compile: bool = False
     vae: str | None = None
     loader: Callable | None = None  # (name[, device]) -> Pipeline; default Pipeline.from_pretrained
+    drain_timeout: float = 120.0  # on SIGTERM/SIGINT: seconds to finish accepted jobs before cancelling the rest
+    drain_grace: float = 5.0  # then seconds finished results stay retrievable before the process exits
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch", "queue_size"):
@@ -62,6 +66,8 @@ class ServeConfig:
             raise ValueError(f"preview must be one of {', '.join(PREVIEW_MODES)}, got {self.preview!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.drain_timeout < 0 or self.drain_grace < 0:
+            raise ValueError("drain_timeout and drain_grace must be >= 0")
 
 
 def _default_loader(config: ServeConfig) -> Callable[[str, str], object]:
@@ -81,6 +87,13 @@ def _worker_thread_init() -> None:
     torch.set_flush_denormal(True)
 
 
+class ShuttingDown(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("the server is shutting down and accepts no new jobs; retry against another instance or "
+                         "after it restarts")
+        self.retry_after = retry_after
+
+
 class Server:
     """What the routes share: models, queue, limits and the A1111 options dict."""
 
@@ -92,9 +105,24 @@ class Server:
                               slots=len(self.models.devices))
         self.options: dict = {"sd_model_checkpoint": self.models.default, "samples_format": "png",
                               "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+        self.draining = False  # set on SIGTERM/SIGINT: no new jobs (503), accepted ones finish
+
+    def drain(self) -> None:
+        """Graceful shutdown's work (a thread of its own): refuse new jobs, let accepted ones finish within
+        `drain_timeout` (then cancel what still waits), and keep results retrievable for `drain_grace`."""
+        self.draining = True
+        log.info("shutting down: finishing accepted jobs (up to %.0f s); new jobs get 503", self.config.drain_timeout)
+        if not self.queue.wait_idle(self.config.drain_timeout):
+            n = self.queue.cancel_pending("cancelled: the server shut down before this job started")
+            log.warning("drain timeout: cancelled %d waiting job(s); waiting for the running one(s)", n)
+            self.queue.wait_idle()
+        time.sleep(self.config.drain_grace)
+
 
     def submit(self, req: GenerationRequest, *, job_id: str | None = None, origin: str = "native") -> Job:
-        """Queue a resolved request; QueueFull and ValueError (job id taken) propagate."""
+        """Queue a resolved request; ShuttingDown, QueueFull and ValueError (job id taken) propagate."""
+        if self.draining:
+            raise ShuttingDown(max(1, round(self.config.drain_timeout)))
         return self.queue.submit(req.model, lambda job: run(job, req, self.models), job_id=job_id,
                                  meta={"origin": origin, "settings": native.settings_view(req)})
 
@@ -183,6 +211,10 @@ async def _queue_full(request: Request, exc: QueueFull):
     return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
 
 
+async def _shutting_down(request: Request, exc: ShuttingDown):
+    return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": str(exc.retry_after)})
+
+
 async def _internal_error(request: Request, exc: Exception):
     log.exception("unhandled error on %s", request.url.path)
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
@@ -214,6 +246,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RequestError, _input_error)
     app.add_exception_handler(QueueFull, _queue_full)
+    app.add_exception_handler(ShuttingDown, _shutting_down)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(native.router)
     app.include_router(a1111.router)
@@ -226,11 +259,44 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     return app
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the app on uvicorn (blocks). Localhost unless config.host says otherwise."""
-    import uvicorn
+class _GracefulServer:
+    """uvicorn's Server with SIGTERM/SIGINT starting a drain (Server.drain) instead of an immediate stop; a second
+    signal stops at once. The process then exits 0 (uvicorn would re-raise the signal it caught)."""
 
+    def __init__(self, app: FastAPI, host: str, port: int):
+        import uvicorn
+
+        outer = self
+
+        class _Uvicorn(uvicorn.Server):
+            def handle_exit(self, sig, frame):  # noqa: ARG002 - uvicorn's signature
+                outer.on_signal(sig)
+
+        # open streams (server-sent events) are closed after 5 s once the drain is over
+        self.uv = _Uvicorn(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
+        self.server: Server = app.state.server
+        self.signals = 0
+
+    def on_signal(self, sig) -> None:
+        self.signals += 1
+        if self.signals > 1 or self.uv.should_exit:
+            self.uv.should_exit = self.uv.force_exit = True
+            return
+
+        def drain_then_exit():
+            self.server.drain()
+            self.uv.should_exit = True
+
+        threading.Thread(target=drain_then_exit, name="stablexl-drain", daemon=True).start()
+
+    def run(self) -> None:
+        self.uv.run()
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the app on uvicorn (blocks). Localhost unless config.host says otherwise. SIGTERM / SIGINT drain:
+    new jobs get 503, accepted jobs finish, results stay retrievable for `drain_grace` s, then exit 0."""
     if config.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the server",
                     config.host)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    _GracefulServer(create_app(config), config.host, config.port).run()

@@ -283,6 +283,29 @@ class JobQueue:
             except ValueError:
                 return None
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job is waiting or running (True), or until `timeout` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.pending_count() or any(w.running() for w in self._workers.values()):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(0.1 if left is None else min(0.1, left))
+        return True
+
+    def cancel_pending(self, reason: str) -> int:
+        """Cancel every waiting job (they never start); returns how many."""
+        with self._cond:
+            jobs = [j for w in self._workers.values() for j in w.pending]
+            for w in self._workers.values():
+                w.pending.clear()
+            for j in jobs:
+                j.state, j.finished, j.error = CANCELLED, time.time(), reason
+        for j in jobs:
+            j.notify()
+        return len(jobs)
+
     def pending_count(self) -> int:
         with self._cond:
             return sum(len(w.pending) for w in self._workers.values())
