@@ -229,9 +229,10 @@ def test_vae_out_of_memory_retries_in_tiles_then_says_what_to_do(device, monkeyp
     assert torch.equal(p("x", steps=2, seed=1).latents, want.latents)
 
 
-def test_unknown_load_options_are_refused():
-    with pytest.raises(TypeError):
-        Pipeline.from_pretrained("tiny-sdxl", bogus=1)  # type: ignore[call-arg]
+def test_unknown_load_options_are_refused(tiny_file):
+    for name in ("tiny-sdxl", "mini", tiny_file):  # presets, the miniature and files alike
+        with pytest.raises(TypeError, match="unknown option.*bogus; accepted: device, dtype"):
+            Pipeline.from_pretrained(name, bogus=1)
 
 
 def test_cli_device_flag(capsys):

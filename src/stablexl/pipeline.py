@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -202,7 +203,7 @@ class Pipeline:
                         dtype: str | torch.dtype | None = "auto", memory: MemoryPolicy | str | None = None,
                         offload: str = "none", compile: bool | str = False, vae: str | os.PathLike | None = None,
                         allow_pickle: bool = False, variant: str | None = None, prediction: str | None = None,
-                        config: ModelConfig | None = None) -> "Pipeline":
+                        config: ModelConfig | None = None, **unknown) -> "Pipeline":
         """A checkpoint path / diffusers folder / HF cache id, "mini" (the shipped miniature, trained on emoji
         art), or a `tiny-*` preset (random weights, for tests).
 
@@ -212,6 +213,10 @@ class Pipeline:
         diffusers folder) instead of the checkpoint's, as A1111's sd_vae."""
         from .io.models import load_model
 
+        if unknown:  # the same answer for presets, the miniature and files
+            accepted = [p for p in inspect.signature(cls.from_pretrained).parameters if p not in ("name_or_path", "unknown")]
+            raise TypeError(f"Pipeline.from_pretrained: unknown option(s) {', '.join(sorted(unknown))}; accepted: "
+                            f"{', '.join(accepted)}")
         dev = resolve_device(device)
         compute = resolve_dtype(dtype, dev)
         offload = check_offload(offload)

@@ -18,8 +18,7 @@ def test_txt2img_response_shape_seeds_and_sampler_mapping():
         r = c.post("/sdapi/v1/txt2img", json={
             "prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 10, "steps": 2, "cfg_scale": 6.5,
             "width": 64, "height": 64, "batch_size": 2, "n_iter": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
-            "styles": [], "eta": 1.0, "s_noise": 1, "do_not_save_samples": True, "send_images": True,
-            "some_extension_field": {"x": 1}})  # unknown fields are accepted, as A1111 does
+            "styles": [], "eta": 1.0, "s_noise": 1, "s_churn": 0.5, "do_not_save_samples": True, "send_images": True})
         assert r.status_code == 200, r.text
         body = r.json()
         assert set(body) == {"images", "parameters", "info"}
@@ -37,7 +36,11 @@ def test_txt2img_response_shape_seeds_and_sampler_mapping():
             assert f"Seed: {10 + k}" in last and "Sampler: DPM++ 2M" in last and "Schedule type: Karras" in last
             assert "CFG scale: 6.5" in last
         assert body["parameters"]["prompt"] == "a lighthouse"
-        assert body["parameters"]["some_extension_field"] == {"x": 1}
+        # accepted for compatibility but not used: listed, not dropped silently (neutral values are not listed)
+        assert info["ignored"] == ["eta", "s_churn"]
+        unknown = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "sampler_nmae": "Euler"})
+        assert unknown.status_code == 422 and unknown.json()["field"] == "sampler_nmae"
+        assert "did you mean 'sampler_name'" in unknown.json()["detail"]
         # the same seed through the native API gives the same image (one pipeline behind both surfaces)
         a1111_first = np.asarray(decode_png(body["images"][0]).convert("RGB"))
         job = c.post("/v1/generate", json={"prompt": "a lighthouse", "negative_prompt": "blurry", "seed": 10,

@@ -10,6 +10,7 @@ variation seeds, scripts) are refused with 422 rather than ignored; knobs our sa
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import time
@@ -102,8 +103,50 @@ def _refuse_unsupported(body) -> None:
             raise InputError(field, msg)
 
 
+# Fields accepted for compatibility but not used, with the value at which ignoring them changes nothing
+# (A1111 clients such as webuiapi send every field on every request).
+NEUTRAL = {"styles": (None, []), "subseed": None, "seed_resize_from_w": (-1, 0, None),
+           "seed_resize_from_h": (-1, 0, None), "s_min_uncond": (None, 0.0), "s_churn": (None, 0.0),
+           "s_tmax": (None, 0.0, float("inf")), "s_tmin": (None, 0.0), "s_noise": (None, 1.0),
+           "save_images": (False,), "do_not_save_samples": None, "do_not_save_grid": None, "comments": (None, {}),
+           "disable_extra_networks": (False,), "override_settings_restore_afterwards": None, "infotext": (None, ""),
+           "image_cfg_scale": None, "initial_noise_multiplier": (None, 1.0), "inpainting_fill": (0, 1),
+           "inpaint_full_res": (True, 1, False, 0), "inpaint_full_res_padding": None, "mask_round": (True,),
+           "latent_mask": (None,), "firstpass_image": (None,), "hr_checkpoint_name": None, "hr_sampler_name": None,
+           "hr_scheduler": None, "hr_prompt": None, "hr_negative_prompt": None, "hr_scale": None, "hr_upscaler": None,
+           "hr_second_pass_steps": None, "hr_resize_x": None, "hr_resize_y": None, "firstphase_width": None,
+           "firstphase_height": None, "script_args": None}
+
+
+def ignored_fields(body, eta_used: bool) -> list[str]:
+    """The fields of `body` that change A1111's picture but not ours (set, and not at their neutral value)."""
+    out = []
+    for name in sorted(body.model_fields_set):
+        neutral = NEUTRAL.get(name, ())
+        if name == "eta":
+            if body.eta is not None and not eta_used:
+                out.append("eta")
+        elif name == "denoising_strength" and isinstance(body, Txt2ImgRequest):
+            continue  # txt2img uses it only for the hires pass, refused below when enabled
+        elif name in NEUTRAL and neutral is not None and getattr(body, name) not in neutral:
+            out.append(name)
+    overrides = set(body.override_settings or {}) - {"sd_model_checkpoint"}
+    return out + [f"override_settings.{k}" for k in sorted(overrides)]
+
+
+def _refuse_unknown(body) -> None:
+    unknown = sorted(body.model_extra or {})
+    if unknown:
+        accepted = sorted(type(body).model_fields)
+        near = {k: difflib.get_close_matches(k, accepted, n=2) for k in unknown}
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, v))}?)" if v else "")
+                          for k, v in near.items())
+        raise InputError(unknown[0], f"unknown field(s) {hints}; accepted: {', '.join(accepted)}")
+
+
 def _request(body, server, image: ImageInput | None = None) -> GenerationRequest:
     """An A1111 body -> a GenerationRequest (their names mapped to ours once, here)."""
+    _refuse_unknown(body)
     _refuse_unsupported(body)
     sampler, schedule = _sampler(body)
     overrides = body.override_settings or {}
@@ -169,6 +212,7 @@ def _info(req: GenerationRequest, job, images: list[dict], body, interrupted: bo
         "denoising_strength": req.image.strength if req.image is not None else None,
         "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": [i["infotext"] for i in images],
         "styles": list(body.styles or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+        "ignored": ignored_fields(body, req.eta is not None),
         "clip_skip": 1, "is_using_inpainting_conditioning": req.image is not None and req.image.mask is not None
         and inpaint_unet,
         "job_id": job.id, "interrupted": interrupted,

@@ -148,7 +148,8 @@ class SamplersView(BaseModel):
 
 
 # ==================================================================================================
-# A1111 surface (/sdapi/v1), fields from reference/peers.md §2.1; unknown fields are accepted and ignored
+# A1111 surface (/sdapi/v1), fields from reference/peers.md §2.1 and A1111 1.10's API models. A field A1111 does
+# not have is refused (a1111.py names the nearest ones); fields we accept without using are listed in `info`
 # ==================================================================================================
 
 
@@ -192,6 +193,7 @@ class _A1111Common(BaseModel):
     alwayson_scripts: dict[str, Any] = {}
     send_images: bool = True
     save_images: bool = False
+    infotext: Text | None = None
     force_task_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:()\-]{1,128}$")] | None = None
     # SDXL conditioning extras (our additions; A1111 keeps these in settings)
     aesthetic_score: float = Field(6.0, ge=0.0, le=10.0)
@@ -206,6 +208,12 @@ class Txt2ImgRequest(_A1111Common):
     hr_second_pass_steps: int | None = None
     hr_resize_x: int | None = None
     hr_resize_y: int | None = None
+    hr_checkpoint_name: Name | None = None
+    hr_sampler_name: Name | None = None
+    hr_scheduler: Name | None = None
+    hr_prompt: Text = ""
+    hr_negative_prompt: Text = ""
+    firstpass_image: Image64 | None = None
     firstphase_width: int | None = None
     firstphase_height: int | None = None
 
@@ -225,6 +233,8 @@ class Img2ImgRequest(_A1111Common):
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     initial_noise_multiplier: float | None = None
     include_init_images: bool = False
+    mask_round: bool = True
+    latent_mask: Image64 | None = None
 
 
 class A1111Result(BaseModel):
