@@ -226,8 +226,9 @@ def test_one_sampler_table_for_every_surface(name):
 
 
 def test_schedule_accepts_peer_spellings():
-    for name, want in (("Karras", "karras"), ("SGM Uniform", "trailing"), ("sgm_uniform", "trailing"),
-                       ("Uniform", "linspace")):
+    for name, want in (("Karras", "karras"), ("SGM Uniform", "sgm_uniform"), ("sgm_uniform", "sgm_uniform"),
+                       ("Uniform", "normal"), ("discrete", "normal"), ("ays", "align_your_steps"),
+                       ("DDIM", "ddim_uniform"), ("KL Optimal", "kl_optimal")):
         assert resolve(GenerationRequest("x", schedule=name), PRESETS["tiny-sdxl"]).schedule == want
 
 

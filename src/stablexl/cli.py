@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import __version__
+from .names import SAMPLER_NAMES, SCHEDULE_NAMES
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -165,7 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
                       max_batch=args.max_batch, queue_size=args.queue_size, job_ttl=args.job_ttl,
                       preview=args.preview, devices=args.device or ["auto"], dtype=args.dtype,
                       offload=args.offload, compile=args.compile, vae=args.vae, drain_timeout=args.drain_timeout,
-                      drain_grace=args.drain_grace))
+                      drain_grace=args.drain_grace,
+                      max_memory=None if args.max_memory.lower() == "none" else args.max_memory))
     return 0
 
 
@@ -187,6 +189,10 @@ def _add_serve(sub) -> None:
     s.add_argument("--job-ttl", type=float, default=600.0, help="seconds a finished job stays retrievable")
     s.add_argument("--preview", choices=["approx", "full", "none"], default="approx",
                    help="live preview: linear latent->RGB fit, full VAE decode, or none")
+    s.add_argument("--max-memory", default="auto",
+                   help="RAM the server may use, models included (e.g. 16G); a job that would not fit runs in smaller "
+                        "batches or with a tiled VAE, or is refused with 413. auto: the machine less 10 %% (at least "
+                        "1 GiB); none: no limit")
     s.add_argument("--drain-timeout", type=float, default=120.0,
                    help="on SIGTERM/SIGINT: seconds to finish accepted jobs (new ones get 503) before cancelling the rest")
     s.add_argument("--drain-grace", type=float, default=5.0,
@@ -355,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="mini",
                    help="checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature trained on emoji "
                         "art), or a tiny-* preset (random weights)")
-    g.add_argument("--sampler", default=None, help="ddpm ddim euler euler_ancestral heun dpmpp_2m dpmpp_2m_sde lcm, "
-                                                   "or an A1111 name like 'DPM++ 2M Karras' (default: per model)")
-    g.add_argument("--schedule", default=None, help="leading trailing linspace karras exponential (default: per model)")
+    g.add_argument("--sampler", default=None, help=f"{' '.join(SAMPLER_NAMES)}, or an A1111 / ComfyUI name like "
+                                                   "'DPM++ 2M Karras' (default: per model)")
+    g.add_argument("--schedule", default=None, help=f"{' '.join(SCHEDULE_NAMES)}, or an A1111 / ComfyUI name "
+                                                    "(default: per model)")
     g.add_argument("--sigmas", default=None,
                    help="a custom noise schedule instead of --schedule: comma-separated descending sigmas (0 appended)")
     g.add_argument("--eta", type=float, default=None,

@@ -39,7 +39,9 @@ from .request import (  # noqa: F401  (load_image: re-exported)
     GenerationRequest, Handoff, ImageInput, Limits, MicroConditions, load_image, request_from_flat, resolve,
 )
 
-EULER_FAMILY = {"euler", "euler_ancestral", "heun", "lcm"}
+# fractional t(σ), as in diffusers' Euler, Heun, LMS and KDPM2 schedulers; CFG++ and Restart go as Euler and Heun
+EULER_FAMILY = {"euler", "euler_ancestral", "heun", "lcm", "lms", "dpm_2", "dpm_2_ancestral", "euler_cfg_pp",
+                "euler_ancestral_cfg_pp", "restart"}
 log = logging.getLogger("stablexl")
 
 
@@ -85,8 +87,10 @@ def initial_noise_scale(sampler: str, schedule: str, sigma0: float) -> float:
     Euler-family schedulers with trailing/linspace spacing start at σ_0; with leading (and Karras /
     exponential, whose scheduler configs keep "leading") at √(σ_0² + 1), which is also what the
     VP-space schedulers (DDIM, DDPM, DPM-Solver) amount to (`init_noise_sigma`, reference §5.2).
+    ComfyUI's rule (`noise_scaling`): √(σ_0² + 1) where σ_0 is the model's σ_max, σ_0 below it; of its
+    schedules only ddim_uniform starts below σ_max (t = 951 for 20 steps).
     """
-    if schedule == "custom" or sampler in EULER_FAMILY and schedule in ("trailing", "linspace"):
+    if schedule in ("custom", "ddim_uniform") or sampler in EULER_FAMILY and schedule in ("trailing", "linspace"):
         return sigma0  # custom σ lists follow k-diffusion / ComfyUI: x = noise · σ_0
     return math.sqrt(sigma0**2 + 1)
 
@@ -369,8 +373,9 @@ class Pipeline:
         if req.sigmas is not None:
             sigmas_full = torch.tensor(req.sigmas, dtype=torch.float32)
         else:
-            sigmas_full = make_sigmas(self.schedule, req.steps, req.schedule, final=final)
-        first, last = self.step_range(req.steps, sigmas_full, strength, h.denoising_start, h.denoising_end)
+            sigmas_full = make_sigmas(self.schedule, req.steps, req.schedule, final=final, family=cfg_model.family)
+        # some schedules (ComfyUI's ddim_uniform, beta) give a few more or fewer levels than the steps asked
+        first, last = self.step_range(len(sigmas_full) - 1, sigmas_full, strength, h.denoising_start, h.denoising_end)
         sigmas = sigmas_full[first:last + 1]
 
         # Initial latent: the order of generator draws follows diffusers (posterior sample, then noise).

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from .names import ETA_SAMPLERS, SCHEDULE_NAMES, parse_schedule, resolve_sampler
+from .names import ETA_SAMPLERS, SCHEDULE_NAMES, parse_schedule, resolve_sampler, unknown_schedule_message
 
 Pair = tuple[int, int]
 RefinerMode = Literal["handoff", "sdedit"]
@@ -338,7 +338,7 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
                                         "sigmas; leave steps unset")
         schedule = "custom"
     elif schedule not in SCHEDULE_NAMES:
-        raise RequestError("schedule", f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULE_NAMES)}")
+        raise RequestError("schedule", unknown_schedule_message(schedule))
     eta = None if req.eta is None else _number("eta", req.eta, lo=0.0, hi=10.0)
     if eta is not None and sampler not in ETA_SAMPLERS:
         raise RequestError("eta", f"sampler {sampler!r} takes no eta; leave eta unset or choose one of: "

@@ -14,6 +14,7 @@ from stablexl.io.metadata import (
     MetadataError, decode_user_comment, generation_infotext, normalise_sampler, parse_comfyui_prompt,
     parse_infotext, read_png_settings, save_png,
 )
+from stablexl.names import SCHEDULE_NAMES
 
 
 def expected(**kw):
@@ -83,15 +84,15 @@ INFOTEXTS = [
               extra={"TI hashes": 'emb: "abc", neg: def', "Hires prompt": "two\nlines", "Tiling": "Tiling",
                      "Lora hashes": "detail: 1f2e3d4c5b6a"},
               defaults={**A1111_ALWAYS, **{k: v for k, v in HIRES.items() if k != "Hires prompt"}})),
-    # 8. v1.9+ Schedule types: SGM Uniform maps to trailing; an A1111 sampler we lack is kept as written
+    # 8. v1.9+ Schedule types map to ours (SGM Uniform, Align Your Steps); an A1111 sampler we lack is kept as written
     ("a fox\nSteps: 8, Sampler: Euler, Schedule type: SGM Uniform, CFG scale: 2, Seed: 99, Size: 1024x1024, "
      "RNG: CPU, Version: v1.9.4",
-     expected(prompt="a fox", steps=8, sampler="euler", schedule="trailing", cfg=2.0, seed=99, width=1024,
+     expected(prompt="a fox", steps=8, sampler="euler", schedule="sgm_uniform", cfg=2.0, seed=99, width=1024,
               height=1024, extra={"RNG": "CPU", "Version": "v1.9.4"},
               defaults={"VAE Encoder": "Full", "VAE Decoder": "Full"})),
-    ("a fox\nSteps: 20, Sampler: DPM++ SDE, Schedule type: Align Your Steps, CFG scale: 4.5, Seed: 1, "
+    ("a fox\nSteps: 20, Sampler: DPM adaptive, Schedule type: Align Your Steps, CFG scale: 4.5, Seed: 1, "
      "Size: 896x1152",
-     expected(prompt="a fox", steps=20, sampler="DPM++ SDE", schedule="Align Your Steps", cfg=4.5, seed=1,
+     expected(prompt="a fox", steps=20, sampler="DPM adaptive", schedule="align_your_steps", cfg=4.5, seed=1,
               width=896, height=1152, defaults=A1111_ALWAYS)),
     # 9. img2img inpainting: Mask blur present brings the inpaint defaults; size-like extras verbatim
     ("a red door\nNegative prompt: \n"
@@ -107,10 +108,10 @@ INFOTEXTS = [
      "CFG scale: 6, Seed: 2, Size: 640x640\r\n",
      expected(prompt="a boat", negative_prompt="rain", steps=15, sampler="dpmpp_2m_sde", schedule="karras",
               cfg=6.0, seed=2, width=640, height=640, defaults=A1111_ALWAYS)),
-    # 11. empty prompt, negative prompt only; old k-diffusion alias; Uniform schedule
+    # 11. empty prompt, negative prompt only; old k-diffusion alias; Uniform schedule (= Normal)
     ("\nNegative prompt: text, signature\nSteps: 50, Sampler: k_euler, Schedule type: Uniform, CFG scale: 7.5, "
      "Seed: 123456789, Size: 512x512",
-     expected(negative_prompt="text, signature", steps=50, sampler="euler", schedule="linspace", cfg=7.5,
+     expected(negative_prompt="text, signature", steps=50, sampler="euler", schedule="normal", cfg=7.5,
               seed=123456789, width=512, height=512, defaults=A1111_ALWAYS)),
     # 12. sd.cpp: `Sampler: <method> <schedule>`, its own keys kept
     ("a lovely cat\nNegative prompt: blurry\n"
@@ -136,10 +137,11 @@ def test_parse_infotext_shapes(text, want):
 @pytest.mark.parametrize("name,want", [
     ("Euler a", ("euler_ancestral", None, "a1111")), ("DPM++ 2M Karras", ("dpmpp_2m", "karras", "a1111")),
     ("dpm++ 2m sde exponential", ("dpmpp_2m_sde", "exponential", "a1111")), ("DDIM", ("ddim", None, "a1111")),
-    ("euler_ancestral", ("euler_ancestral", None, "ours")), ("dpm++2m discrete", ("dpmpp_2m", "linspace", "sd.cpp")),
+    ("euler_ancestral", ("euler_ancestral", None, "ours")), ("dpm++2m discrete", ("dpmpp_2m", "normal", "sd.cpp")),
     ("euler_a default", ("euler_ancestral", "default", "sd.cpp")), ("euler", ("euler", None, "ours")),
     ("ddim_trailing discrete", ("ddim", "trailing", "sd.cpp")), ("ipndm karras", ("ipndm", "karras", "sd.cpp")),
-    ("UniPC", ("UniPC", None, "unknown")),
+    ("DPM adaptive", ("DPM adaptive", None, "unknown")),
+    ("k_dpmpp_2m_sde_heun_exp", ("dpmpp_2m_sde_heun", "exponential", "a1111")),
 ])
 def test_normalise_sampler(name, want):
     assert normalise_sampler(name) == want
@@ -192,7 +194,7 @@ def test_round_trip_prompts(prompt, negative):
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddim",
                                      "ddpm", "lcm"])
-@pytest.mark.parametrize("schedule", ["leading", "trailing", "linspace", "karras", "exponential"])
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
 def test_round_trip_settings(sampler, schedule):
     s = _settings(sampler=sampler, schedule=schedule, steps=7, cfg=6.5, seed=2**32 + 5, width=832, height=1216,
                   model=None, guidance_rescale=None)
@@ -309,7 +311,7 @@ WORKFLOW = {"last_node_id": 9, "last_link_id": 9, "version": 0.4, "links": [[1, 
 def test_comfy_basic():
     assert parse_comfyui_prompt(comfy_basic()) == expected(
         prompt="beautiful scenery nature glass bottle landscape, , purple galaxy bottle,",
-        negative_prompt="text, watermark", steps=20, sampler="euler", schedule="linspace", cfg=8.0,
+        negative_prompt="text, watermark", steps=20, sampler="euler", schedule="normal", cfg=8.0,
         seed=156680208700286, width=1024, height=1024, model="sd_xl_base_1.0.safetensors", source="comfyui",
         extra={"sampler_name": "euler", "scheduler": "normal", "denoise": 1, "sampler_node": "3 (KSampler)"})
 
@@ -335,9 +337,10 @@ def test_comfy_img2img_controlnet():
                "sampler_node": "9 (KSampler)"})
 
 
-@pytest.mark.parametrize("comfy,ours", [("normal", "linspace"), ("karras", "karras"), ("exponential", "exponential"),
-                                        ("sgm_uniform", "trailing"), ("simple", "trailing"),
-                                        ("ddim_uniform", "ddim_uniform"), ("beta", "beta")])
+@pytest.mark.parametrize("comfy,ours", [("normal", "normal"), ("karras", "karras"), ("exponential", "exponential"),
+                                        ("sgm_uniform", "sgm_uniform"), ("simple", "simple"),
+                                        ("ddim_uniform", "ddim_uniform"), ("beta", "beta"),
+                                        ("kl_optimal", "kl_optimal"), ("linear_quadratic", "linear_quadratic")])
 def test_comfy_schedulers(comfy, ours):
     g = comfy_basic()
     g["3"]["inputs"]["scheduler"] = comfy

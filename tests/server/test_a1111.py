@@ -10,6 +10,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from stablexl.names import A1111_SAMPLER, SAMPLER_NAMES, SCHEDULE_NAMES, parse_schedule, resolve_sampler
+
 from .conftest import client, decode_png, png_b64, wait_job
 
 
@@ -61,10 +63,13 @@ def test_sampler_names_old_and_new_and_errors():
             assert r.status_code == 200, (payload, r.text)
             text = json.loads(r.json()["info"])["infotexts"][0]
             assert f"Sampler: {sampler}," in text and f"Schedule type: {schedule}" in text, (payload, text)
-        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "UniPC"})
-        assert r.status_code == 404 and r.json()["field"] == "sampler_name" and "Sampler not found" in r.json()["detail"]
-        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "Polyexponential"})
-        assert r.status_code == 422 and r.json()["field"] == "scheduler"
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "DPM adaptive"})  # A1111's, not ours
+        assert r.status_code == 404 and r.json()["field"] == "sampler_name"
+        assert r.json()["detail"].startswith("Sampler not found: 'DPM adaptive'; available: DDPM, DDIM, Euler, ")
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Eular a"})
+        assert r.status_code == 404 and "nearest: Euler a" in r.json()["detail"]
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "Karas"})
+        assert r.status_code == 422 and r.json()["field"] == "scheduler" and "nearest: Karras" in r.json()["detail"]
         for field, value in (("enable_hr", True), ("restore_faces", True), ("tiling", True),
                              ("subseed_strength", 0.5), ("script_name", "x/y/z plot"),
                              ("alwayson_scripts", {"ControlNet": {"args": []}})):
@@ -150,8 +155,20 @@ def test_options_models_and_discovery_routes():
         samplers = c.get("/sdapi/v1/samplers").json()
         assert {"Euler a", "DPM++ 2M", "Euler", "DDIM"} <= {s["name"] for s in samplers}
         assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+        # exactly the registered samplers, each listed name and alias resolving to it
+        assert [s["name"] for s in samplers] == [A1111_SAMPLER.get(s, s) for s in SAMPLER_NAMES]
+        for ours, rec in zip(SAMPLER_NAMES, samplers):
+            assert rec["aliases"][0] == ours
+            assert all(resolve_sampler(a) == (ours, None) for a in [rec["name"], *rec["aliases"]])
         schedulers = c.get("/sdapi/v1/schedulers").json()
         assert {"Automatic", "Karras", "SGM Uniform"} <= {s["label"] for s in schedulers}
+        assert all(set(s) == {"name", "label", "aliases", "default_rho", "need_inner_model"} for s in schedulers)
+        assert [parse_schedule(s["label"]) for s in schedulers] == list(SCHEDULE_NAMES)
+        for ours, rec in zip(SCHEDULE_NAMES, schedulers):
+            assert all(parse_schedule(a) == ours for a in [rec["name"], *rec["aliases"]])
+        native = c.get("/v1/samplers").json()
+        assert [s["name"] for s in native["samplers"]] == list(SAMPLER_NAMES)
+        assert [s["name"] for s in native["schedules"]] == list(SCHEDULE_NAMES)
         assert c.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
 
 

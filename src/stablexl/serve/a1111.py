@@ -22,10 +22,11 @@ from starlette.concurrency import run_in_threadpool
 
 from ..io.metadata import MetadataError, parse_infotext
 from ..names import (
-    A1111_SAMPLER, A1111_SCHEDULE, ETA_SAMPLERS, SAMPLER_NAMES, SCHEDULE_NAMES, parse_sampler, parse_schedule,
+    A1111_ALIASES, A1111_SAMPLER, A1111_SCHEDULE, A1111_SCHEDULE_ID, ETA_SAMPLERS, SAMPLER_NAMES, SCHEDULE_NAMES,
+    nearest_names, parse_schedule, resolve_sampler, sampler_spellings, schedule_aliases, schedule_spellings,
 )
 from ..request import GenerationRequest, Handoff, ImageInput, MicroConditions
-from .generation import InputError, resolve_request
+from .generation import InputError
 from .images import ImageInputError, b64, open_image, png_texts
 from .native import image_field
 from .queue import CANCELLED, FAILED, RUNNING
@@ -74,19 +75,27 @@ def _sampler(body) -> tuple[str | None, str | None]:
     name = body.sampler_name or body.sampler_index
     implied = None
     if name:
-        ours, implied, dialect = parse_sampler(name)
-        if dialect == "unknown" or ours not in SAMPLER_NAMES:
-            # A1111 answers an unknown sampler with 404 "Sampler not found"
-            raise InputError("sampler", f"Sampler not found: {name!r}; available: "
-                                        f"{', '.join(A1111_SAMPLER[s] for s in SAMPLER_NAMES)}", status=404)
-        name = ours
+        try:
+            name, implied = resolve_sampler(name)
+        except ValueError:  # A1111 answers an unknown sampler with 404 "Sampler not found"
+            available = [A1111_SAMPLER.get(s, s) for s in SAMPLER_NAMES]
+            raise InputError("sampler", _not_found("Sampler not found:", name, sampler_spellings(), available),
+                             status=404) from None
     schedule = None
     if body.scheduler and body.scheduler.strip().lower() != "automatic":
         schedule = parse_schedule(body.scheduler)
         if schedule not in SCHEDULE_NAMES:
-            raise InputError("schedule", f"unknown scheduler {body.scheduler!r}; available: "
-                                         f"{', '.join(A1111_SCHEDULE[s] for s in SCHEDULE_NAMES)}")
+            available = [A1111_SCHEDULE.get(s, s) for s in SCHEDULE_NAMES]
+            raise InputError("schedule", _not_found("unknown scheduler", body.scheduler, schedule_spellings(),
+                                                    available))
     return name, schedule or implied
+
+
+def _not_found(what: str, name: str, spellings: dict[str, str], available: list[str]) -> str:
+    """A1111's error text, with the nearest accepted spellings (A1111's own where one differs only in case)."""
+    near = nearest_names(name, {**spellings, **{a.lower(): a for a in available}})
+    nearest = f"nearest: {', '.join(near)}; " if near else ""
+    return f"{what} {name!r}; {nearest}available: {', '.join(available)}"
 
 
 def _refuse_unsupported(body) -> None:
@@ -168,7 +177,7 @@ def _request(body, server, image: ImageInput | None = None) -> GenerationRequest
 
 
 def request_from_txt2img(body: Txt2ImgRequest, server) -> GenerationRequest:
-    return resolve_request(_request(body, server), server.models, server.limits)
+    return server.prepare(_request(body, server))
 
 
 def request_from_img2img(body: Img2ImgRequest, server) -> GenerationRequest:
@@ -189,7 +198,7 @@ def request_from_img2img(body: Img2ImgRequest, server) -> GenerationRequest:
                        mask_blur=float(blur), mask_invert=bool(body.inpainting_mask_invert),
                        fit="crop" if body.resize_mode == 1 else "resize",
                        resize_mask=True)  # A1111 resizes the mask with the image
-    return resolve_request(_request(body, server, image), server.models, server.limits)
+    return server.prepare(_request(body, server, image))
 
 
 def _info(req: GenerationRequest, job, images: list[dict], body, interrupted: bool, inpaint_unet: bool) -> dict:
@@ -308,21 +317,23 @@ async def sd_models(request: Request):
 
 @router.get("/samplers")
 async def samplers():
-    out = []
-    for s in SAMPLER_NAMES:
-        aliases = [s] + (["k_euler_a", "k_euler_ancestral"] if s == "euler_ancestral" else
-                         [f"k_{s}"] if s in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde") else [])
-        out.append({"name": A1111_SAMPLER[s], "aliases": aliases, "options": {}})
-    return out
+    """The samplers we run, in A1111's record shape: the display name, then our name and A1111's aliases."""
+    return [{"name": A1111_SAMPLER.get(s, s), "aliases": list(dict.fromkeys([s, *A1111_ALIASES[s]])), "options": {}}
+            for s in SAMPLER_NAMES]
+
+
+# schedules that index the model's training σ's (A1111 passes them the inner model)
+_NEEDS_MODEL = {"leading", "trailing", "linspace", "normal", "simple", "sgm_uniform", "ddim_uniform", "beta"}
 
 
 @router.get("/schedulers")
 async def schedulers():
-    # A1111 v1.9+ scheduler records; `name` is the lower-case id, `label` what the UI shows
-    ids = {"leading": "automatic", "trailing": "sgm_uniform", "linspace": "uniform", "karras": "karras",
-           "exponential": "exponential"}
-    return [{"name": ids[s], "label": A1111_SCHEDULE[s], "aliases": [s], "default_rho": 7.0 if s == "karras" else -1,
-             "need_inner_model": False} for s in SCHEDULE_NAMES]
+    """The schedules we run as A1111 v1.9+ scheduler records: `name` the lower-case id, `label` what the UI
+    shows, `aliases` our name and the other spellings we accept."""
+    return [{"name": A1111_SCHEDULE_ID.get(s, s), "label": A1111_SCHEDULE.get(s, s),
+             "aliases": [a for a in dict.fromkeys([s, *schedule_aliases(s)]) if a != A1111_SCHEDULE_ID.get(s, s)],
+             "default_rho": {"karras": 7.0, "polyexponential": 1.0}.get(s, -1),
+             "need_inner_model": s in _NEEDS_MODEL} for s in SCHEDULE_NAMES]
 
 
 @router.get("/scripts")

@@ -25,7 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from . import a1111, native
 from ..request import GenerationRequest, Limits, RequestError
-from .generation import InputError, Models, run
+from . import admission
+from .generation import InputError, Models, resolve_request, run
 from .preview import PREVIEW_MODES
 from .queue import Job, JobQueue, QueueFull
 
@@ -53,6 +54,7 @@ class ServeConfig:
     compile: bool = False
     vae: str | None = None
     loader: Callable | None = None  # (name[, device]) -> Pipeline; default Pipeline.from_pretrained
+    max_memory: int | str | None = "auto"  # bytes jobs + models may use; "auto": the machine less a margin; None: no limit
     drain_timeout: float = 120.0  # on SIGTERM/SIGINT: seconds to finish accepted jobs before cancelling the rest
     drain_grace: float = 5.0  # then seconds finished results stay retrievable before the process exits
 
@@ -106,6 +108,31 @@ class Server:
         self.options: dict = {"sd_model_checkpoint": self.models.default, "samples_format": "png",
                               "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
         self.draining = False  # set on SIGTERM/SIGINT: no new jobs (503), accepted ones finish
+        mm = config.max_memory
+        self.max_memory = admission.default_max_memory() if mm == "auto" else \
+            admission.parse_bytes(mm) if isinstance(mm, str) else mm
+        self.budget = admission.MemoryBudget(None)  # set once the models are loaded (start)
+
+    def start(self) -> None:
+        """After the models are loaded: what they hold is the resident part; jobs share the rest of --max-memory."""
+        self.resident = admission.current_rss()
+        total = admission.activation_budget(self.max_memory, self.resident)
+        if total is not None and total <= 0:
+            raise RuntimeError(f"--max-memory {self.max_memory / 2**20:.0f} MiB is below what the loaded models "
+                               f"already hold ({self.resident / 2**20:.0f} MiB); raise it")
+        self.budget = admission.MemoryBudget(total)
+        log.info("memory: %.0f MiB resident after loading; %s for jobs", self.resident / 2**20,
+                 "no limit" if total is None else f"{total / 2**20:.0f} MiB")
+        self.queue.start()
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The one resolve step against the model and the limits, then memory admission (host pipelines):
+        a request that would not fit is split / tiled (same images) or refused with 413."""
+        req = resolve_request(request, self.models, self.limits)
+        m = self.models.get(req.model)
+        if admission.is_host_device(m.pipe):
+            req = admission.fit(req, m.config, self.budget.total)
+        return req
 
     def drain(self) -> None:
         """Graceful shutdown's work (a thread of its own): refuse new jobs, let accepted ones finish within
@@ -123,7 +150,14 @@ class Server:
         """Queue a resolved request; ShuttingDown, QueueFull and ValueError (job id taken) propagate."""
         if self.draining:
             raise ShuttingDown(max(1, round(self.config.drain_timeout)))
-        return self.queue.submit(req.model, lambda job: run(job, req, self.models), job_id=job_id,
+        m = self.models.get(req.model)
+        need = admission.estimate(req, m.config).peak if admission.is_host_device(m.pipe) else 0
+
+        def work(job: Job):
+            with self.budget.reserve(need):
+                return run(job, req, self.models)
+
+        return self.queue.submit(req.model, work, job_id=job_id,
                                  meta={"origin": origin, "settings": native.settings_view(req)})
 
 
@@ -232,7 +266,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await run_in_threadpool(server.models.load_all)  # torch work, off the event loop
-        server.queue.start()
+        server.start()
         try:
             yield
         finally:

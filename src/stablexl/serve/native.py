@@ -11,9 +11,9 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES
+from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES, sampler_aliases, schedule_aliases
 from ..request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions
-from .generation import InputError, latents_from_bytes, resolve_request
+from .generation import InputError, latents_from_bytes
 from .images import ImageInputError, b64, decode_image
 from .queue import FINISHED, RUNNING, Job
 from .schemas import GenerateRequest, JobView, ModelView, SamplersView
@@ -110,7 +110,7 @@ def settings_view(req: GenerationRequest) -> dict:
 
 
 def prepare(body: GenerateRequest, server) -> GenerationRequest:
-    return resolve_request(request_from_body(body), server.models, server.limits)
+    return server.prepare(request_from_body(body))
 
 
 def job_view(job: Job, server, *, preview: bool = True, images: bool = True) -> dict:
@@ -207,8 +207,10 @@ async def models(request: Request):
 
 @router.get("/samplers", response_model=SamplersView, summary="Sampler and schedule names (ours and A1111's)")
 async def samplers():
-    return {"samplers": [{"name": s, "a1111_name": A1111_SAMPLER.get(s)} for s in SAMPLER_NAMES],
-            "schedules": [{"name": s, "a1111_name": A1111_SCHEDULE.get(s)} for s in SCHEDULE_NAMES]}
+    return {"samplers": [{"name": s, "a1111_name": A1111_SAMPLER.get(s), "aliases": sampler_aliases(s)}
+                         for s in SAMPLER_NAMES],
+            "schedules": [{"name": s, "a1111_name": A1111_SCHEDULE.get(s), "aliases": schedule_aliases(s)}
+                          for s in SCHEDULE_NAMES]}
 
 
 @router.get("/server", summary="Limits, queue state and version")

@@ -140,6 +140,7 @@ class ModelView(BaseModel):
 class NameView(BaseModel):
     name: str
     a1111_name: str | None
+    aliases: list[str] = []  # the other spellings accepted for it (A1111's aliases, ComfyUI's, sd.cpp's)
 
 
 class SamplersView(BaseModel):
