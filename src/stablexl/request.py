@@ -343,6 +343,8 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     if eta is not None and sampler not in ETA_SAMPLERS:
         raise RequestError("eta", f"sampler {sampler!r} takes no eta; leave eta unset or choose one of: "
                                   f"{', '.join(sorted(ETA_SAMPLERS))}")
+    if eta is not None and sampler == "tcd" and eta > 1:  # TCD's γ mixes two timesteps (Zheng et al. 2024)
+        raise RequestError("eta", f"TCD's eta (gamma) must be in [0, 1], got {eta}")
 
     # ---- numbers ------------------------------------------------------------------------------------
     if sigmas is not None:

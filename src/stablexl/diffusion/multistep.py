@@ -25,26 +25,14 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
+from .steps import Callback, Model, Noise, sigma_batch as _s, step_done as _step_done
 from .schedule import NoiseSchedule
 
-Model = Callable[[Tensor, Tensor], Tensor]
-Noise = Callable[[], Tensor]
-Callback = Callable[[int, int, Tensor, Tensor], Tensor | None] | None
 
 _TRAIN = NoiseSchedule.ddpm()
 SIGMA_MIN = _TRAIN.sigma_min  # σ at t = 0, where diffusers' DEIS and TCD stop
 
 
-# samplers.py imports this module at its end, so its two small helpers are restated here (no import cycle)
-def _s(sigma: float, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
-
-
-def _step_done(callback: Callback, i: int, n: int, x: Tensor, x0: Tensor) -> Tensor:
-    if callback is None:
-        return x
-    out = callback(i, n, x, x0)
-    return x if out is None else out
 
 
 # --------------------------------------------------------------------------------------------------

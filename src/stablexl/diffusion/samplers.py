@@ -18,23 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .steps import Callback, Model, Noise, sigma_batch as _s, step_done as _step_done
 from .schedule import karras_sigmas
 from ..names import ETA_SAMPLERS, SAMPLER_NAMES, resolve_sampler  # noqa: F401  (re-exported)
 
-Model = Callable[[Tensor, Tensor], Tensor]
-Noise = Callable[[], Tensor]
-Callback = Callable[[int, int, Tensor, Tensor], Tensor | None] | None
 
 
-def _s(sigma: Tensor | float, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), float(sigma), dtype=torch.float32, device=x.device)
-
-
-def _step_done(callback: Callback, i: int, n: int, x: Tensor, x0: Tensor) -> Tensor:
-    if callback is None:
-        return x
-    out = callback(i, n, x, x0)
-    return x if out is None else out
 
 
 def sample_euler(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback: Callback = None) -> Tensor:
@@ -308,6 +297,18 @@ def sample_lms(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = No
     return x
 
 
+def _dpm2_step(model: Model, x: Tensor, x0: Tensor, s: float, target: float) -> Tensor:
+    """One DPM-Solver-2 step from σ = s (where the model gave x0) to `target`: Euler to the log-midpoint
+    √(s·target), the full step with the derivative there; plain Euler when target = 0."""
+    d = (x - x0) / s
+    if target == 0:
+        return x + d * (target - s)
+    s_mid = math.exp(0.5 * (math.log(s) + math.log(target)))
+    x_2 = x + d * (s_mid - s)
+    d_2 = (x_2 - model(x_2, _s(s_mid, x))) / s_mid
+    return x + d_2 * (target - s)
+
+
 def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = None, callback: Callback = None) -> Tensor:
     """DPM-Solver-2 in Karras form (k-diffusion `sample_dpm_2`, no churn; diffusers `KDPM2DiscreteScheduler`):
     an Euler step to the log-midpoint σ_mid = √(σ·σ_next), then the full step with the derivative there
@@ -317,14 +318,7 @@ def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, noise: Noise | None = 
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = model(x, _s(s, x))
-        d = (x - x0) / s
-        if s_next == 0:
-            x = x + d * (s_next - s)
-        else:
-            s_mid = math.exp(0.5 * (math.log(s) + math.log(s_next)))
-            x_2 = x + d * (s_mid - s)
-            d_2 = (x_2 - model(x_2, _s(s_mid, x))) / s_mid
-            x = x + d_2 * (s_next - s)
+        x = _dpm2_step(model, x, x0, s, s_next)
         x = _step_done(callback, i, n, x, x0)
     return x
 
@@ -339,14 +333,7 @@ def sample_dpm_2_ancestral(model: Model, x: Tensor, sigmas: Tensor, noise: Noise
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = model(x, _s(s, x))
         down, up = _ancestral_split(s, s_next, eta)
-        d = (x - x0) / s
-        if down == 0:
-            x = x + d * (down - s)
-        else:
-            s_mid = math.exp(0.5 * (math.log(s) + math.log(down)))
-            x_2 = x + d * (s_mid - s)
-            d_2 = (x_2 - model(x_2, _s(s_mid, x))) / s_mid
-            x = x + d_2 * (down - s)
+        x = _dpm2_step(model, x, x0, s, down)
         if up > 0:
             assert noise is not None, "dpm_2_ancestral needs a noise source"
             x = x + noise() * up
