@@ -18,9 +18,12 @@ folder in fp16; ours (`Pipeline.from_pretrained(folder, ...)`) and diffusers
       the diffusers column is diffusers' enable_model_cpu_offload().
 Ratios are ours/diffusers; targets are printed beside them.
 
-GPU run, from the repository root (the code runs uninstalled; diffusers 0.42.1 may be a wheel installed with
-`pip install --no-deps --target DIR` and put on PYTHONPATH; the GPU machine's own torch and transformers serve):
-    PYTHONPATH=src python benchmarks/gpu.py --json out.json
+GPU run, from the repository root (the code runs uninstalled; the GPU machine's own torch and transformers
+serve, and diffusers 0.42.1 travels as a wheel). Here, once:
+    pip download diffusers==0.42.1 --no-deps -d .whl && echo /.whl/ >> .git/info/exclude
+then on the device (the `run` tool with carry [".whl"], timeout ~480 s; planned to take about 6 minutes):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=src:/tmp/site python3 benchmarks/gpu.py --deadline-s 450 --json $OUT/gpu_bench.json
 CPU smoke run (tests/test_gpu_benchmark.py): tiny preset, 64^2, a few steps, exceptions propagate:
     python benchmarks/gpu.py --device cpu --tiny --strict --no-compile --out DIR
 Without --strict each measurement catches its own exception and prints 'failed: <Type: message>' in its cells.

@@ -40,6 +40,33 @@ def table(rows: list[dict], steps: int) -> str:
     return "\n".join(out)
 
 
+def _cache_reference_work() -> None:
+    """Every pair scores against the same reference set: load the scoring CLIP, open the reference images and
+    embed them (and the candidate prompts) once, not once per pair. The numbers are the same; only the
+    repeated work goes."""
+    import functools
+
+    from stablexl.eval import features, harness
+
+    harness._open = functools.lru_cache(maxsize=None)(harness._open)  # the same Image objects every call
+    load = features.CLIPEmbedder.load.__func__
+    features.CLIPEmbedder.load = classmethod(functools.lru_cache(maxsize=None)(load))
+    memo: dict = {}
+
+    def cached(fn, key_of):
+        def wrapper(self, items):
+            if len(items) < 500:  # the generated images: always new
+                return fn(self, items)
+            key = (id(self), key_of(items))
+            if key not in memo:
+                memo[key] = fn(self, items)
+            return memo[key]
+        return wrapper
+
+    features.MiniCLIPFeatures.extract = cached(features.MiniCLIPFeatures.extract, lambda xs: tuple(map(id, xs)))
+    features.CLIPEmbedder.texts = cached(features.CLIPEmbedder.texts, tuple)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/work/data/emoji")
@@ -58,6 +85,8 @@ def main() -> int:
         return 0
     from stablexl.eval import evaluate
     from stablexl.pipeline import Pipeline
+
+    _cache_reference_work()
 
     pipe = Pipeline.from_pretrained("mini", device="cpu")
     seen = {(r["sampler"], r["schedule"], r["steps"]) for r in done}
