@@ -49,7 +49,7 @@ def test_estimate_bounds_the_measured_peak(name, size, batch):
     est = estimate(req, PRESETS[name]).peak
     print(f"{name} {size}^2 x{batch}: measured +{grew / 2**20:.1f} MiB, estimated {est / 2**20:.1f} MiB")
     assert grew <= est, "the estimate must bound the measured peak"
-    assert est <= 2.5 * grew + 32 * 2**20, "and not be uselessly loose"
+    assert est <= 2.5 * grew + 96 * 2**20, "and not be uselessly loose (96 MiB: the fixed first-use allowance + noise)"
 
 
 def test_fit_splits_batches_tiles_the_vae_or_refuses():
@@ -105,7 +105,7 @@ def _rss(pid: int) -> int:
 
 
 def test_flood_of_oversized_requests_under_a_small_max_memory():
-    """A real server whose --max-memory leaves ~150 MiB for jobs: oversized requests get 413 (none runs), large
+    """A real server whose --max-memory leaves ~250 MiB for jobs: oversized requests get 413 (none runs), large
     batches that fit when split complete, valid jobs complete, and the process's peak RSS stays under the limit."""
     port = _port()
     probe = _start(port)  # measure what the loaded server holds, to set a tight limit above it
@@ -114,7 +114,7 @@ def test_flood_of_oversized_requests_under_a_small_max_memory():
     finally:
         probe.send_signal(signal.SIGTERM)
         probe.wait(30)
-    limit = resident + 150 * 2**20
+    limit = resident + 250 * 2**20
     port = _port()
     proc = _start(port, "--max-memory", str(limit), "--max-width", "4096", "--max-height", "4096", "--max-batch", "8",
                   "--queue-size", "64", "--drain-grace", "0")

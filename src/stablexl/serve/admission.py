@@ -21,6 +21,10 @@ from .generation import InputError
 
 MiB = 2**20
 SAFETY = 1.25  # measurements vary ~10 % run to run (allocator, thread pools); the estimate stays above them
+# A process's first generation also pays one-time costs the table's phases do not see: modules imported (and, in a
+# fresh install, compiled) on first use, thread pools, allocator arenas. Measured: a fresh clone's first job
+# grew 18-35 MiB more than the same job in a warm checkout, under load from other processes.
+FIRST_USE = 64 * MiB
 
 # Measured (benchmarks/memory_table.py --sizes 64 256 512 --batch 2, fp32 on the CPU, 2 threads):
 # (family, unet.model_channels, vae.base_channels) -> (UNet bytes: intercept, per latent pixel per image with
@@ -91,7 +95,7 @@ class Estimate:
     def peak(self) -> int:
         # summed, not the max: measured whole generations peak above either phase alone (the text encoders'
         # buffers, and heap the first phase freed in pieces the decode cannot all reuse)
-        return self.unet + self.vae
+        return self.unet + self.vae + FIRST_USE
 
 
 def estimate(req: GenerationRequest, config) -> Estimate:
