@@ -110,6 +110,13 @@ def test_unknown_keyword_is_refused_listing_the_accepted_ones():
         assert name in {f.name for f in dataclasses.fields(cls)}, flat
 
 
+def test_unknown_request_fields_are_refused_listing_the_accepted_ones():
+    with pytest.raises(TypeError, match="GenerationRequest: unknown field.*stpes; accepted: prompt, negative_prompt"):
+        GenerationRequest("x", stpes=3)
+    with pytest.raises(TypeError, match="ImageInput: unknown field.*strenght; accepted: image, strength"):
+        ImageInput(None, strenght=0.5)
+
+
 def test_request_is_frozen():
     req = GenerationRequest("x")
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -143,6 +143,24 @@ class GenerationRequest:
         return dataclasses.replace(self, **changes)
 
 
+def _refuse_unknown_fields(cls) -> None:
+    """`cls(bogus=1)` names the accepted fields instead of Python's bare "unexpected keyword argument"."""
+    init = cls.__init__
+    accepted = tuple(f.name for f in dataclasses.fields(cls))
+
+    def __init__(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
+for _cls in (MicroConditions, ImageInput, Handoff, ImagePrompt, GenerationRequest):
+    _refuse_unknown_fields(_cls)
+
+
 # The keyword call's flat names -> (record, field): `pipe(prompt, strength=0.5)` is ImageInput.strength.
 FLAT = {
     **{f.name: ("conditions", f.name) for f in dataclasses.fields(MicroConditions)},
