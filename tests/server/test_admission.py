@@ -88,18 +88,10 @@ def test_budget_reservations_wait_for_each_other():
     assert parse_bytes("1.5G") == int(1.5 * 2**30) and parse_bytes("512M") == 512 * 2**20
 
 
-def _vmhwm(pid: int) -> int:
+def _status(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -110,7 +102,7 @@ def test_flood_of_oversized_requests_under_a_small_max_memory():
     port = _port()
     probe = _start(port)  # measure what the loaded server holds, to set a tight limit above it
     try:
-        resident = _rss(probe.pid)
+        resident = _status(probe.pid, "VmRSS")
     finally:
         probe.send_signal(signal.SIGTERM)
         probe.wait(30)
@@ -144,7 +136,7 @@ def test_flood_of_oversized_requests_under_a_small_max_memory():
         assert code == 202 and j["state"] == "succeeded", j
         assert [im["seed"] for im in j["images"]] == [100, 101, 102, 103]
         assert j["settings"]["batch"] * j["settings"]["n_iter"] == 4
-        peak = _vmhwm(proc.pid)
+        peak = _status(proc.pid, "VmHWM")
         print(f"resident {resident / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB, server peak {peak / 2**20:.0f} MiB")
         assert peak <= limit
     finally:
