@@ -14,7 +14,8 @@ from stablexl.io.metadata import parse_infotext
 from stablexl.names import A1111_SAMPLER, SAMPLER_NAMES, parse_sampler, resolve_sampler
 from stablexl.pipeline import Pipeline
 from stablexl.request import (
-    FLAT, GenerationRequest, Handoff, ImageInput, ImagePrompt, Limits, MicroConditions, RequestError, request_from_flat,
+    FLAT, GenerationRequest, Handoff, Hires, ImageInput, ImagePrompt, Limits, MicroConditions, RequestError,
+    request_from_flat,
     resolve,
 )
 
@@ -106,7 +107,8 @@ def test_unknown_keyword_is_refused_listing_the_accepted_ones():
     assert "stpes" in str(e.value) and "steps" in str(e.value) and "init_image" in str(e.value)
     # every flat name maps onto a real field of its record
     for flat, (record, name) in FLAT.items():
-        cls = {"conditions": MicroConditions, "image": ImageInput, "handoff": Handoff, "image_prompt": ImagePrompt}[record]
+        cls = {"conditions": MicroConditions, "image": ImageInput, "handoff": Handoff, "image_prompt": ImagePrompt,
+               "hires": Hires}[record]
         assert name in {f.name for f in dataclasses.fields(cls)}, flat
 
 
@@ -180,7 +182,20 @@ BAD = [
     (dict(image=ImageInput(Image.new("RGB", (4, 4)))), "image.image", "pass width and height"),
     (dict(conditions=MicroConditions(original_size=(0, 64))), "conditions.original_size", ">= 1"),
     (dict(prompt=("a", "b"), batch=3), "batch", "2 prompts with batch 3"),
+    (dict(discard_penultimate="yes"), "discard_penultimate", "true, false or unset"),
+    (dict(discard_penultimate=True, sigmas=(3.0, 1.0)), "discard_penultimate", "custom sigmas run as given"),
 ]
+
+
+@pytest.mark.parametrize("sampler,schedule,want", [
+    ("DPM2 Karras", None, True), ("DPM2 a", "karras", True), ("DPM++ 3M SDE Exponential", None, True),
+    ("dpm_2", "leading", False), ("dpm_2_ancestral", "trailing", False), ("euler", "karras", False),
+    ("DPM++ 2M Karras", None, False),
+])
+def test_discard_penultimate_follows_the_peers(sampler, schedule, want):
+    r = resolve(GenerationRequest("x", sampler=sampler, schedule=schedule), PRESETS["tiny-sdxl"])
+    assert r.discard_penultimate is want
+    assert resolve(r, PRESETS["tiny-sdxl"]) == r
 
 
 @pytest.mark.parametrize("changes,field,needle", BAD, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD)])

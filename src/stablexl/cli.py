@@ -57,16 +57,26 @@ FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "steps": "-
          "image.mask_blur": "--mask-blur", "handoff.refiner": "--refiner", "handoff.switch_at": "--switch-at",
          "handoff.mode": "--refiner-mode", "handoff.refiner_strength": "--refiner-strength",
          "image_prompt": "--image-prompt", "image_prompt.image": "--image-prompt",
-         "image_prompt.noise_level": "--noise-level", "vae_tile": "--vae-tile",
+         "image_prompt.noise_level": "--noise-level", "vae_tile": "--vae-tile", "decoder": "--decoder",
          "conditions.original_size": "--original-size", "conditions.crop": "--crop",
          "conditions.target_size": "--target-size", "conditions.aesthetic_score": "--aesthetic-score",
-         "conditions.negative_aesthetic_score": "--negative-aesthetic-score"}
+         "conditions.negative_aesthetic_score": "--negative-aesthetic-score", "loras": "--lora",
+         "hires": "--hires-scale", "hires.scale": "--hires-scale", "hires.steps": "--hires-steps",
+         "hires.strength": "--hires-strength", "hires.upscaler": "--hires-upscaler", "hires.resize": "--hires-resize",
+         "hires.sampler": "--hires-sampler"}
 
 
 def request_from_args(args: argparse.Namespace):
     """The `generate` flags -> a GenerationRequest (the CLI's one translation)."""
-    from .request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions
+    from .request import GenerationRequest, Handoff, Hires, ImageInput, ImagePrompt, MicroConditions
 
+    hires = None
+    hr_given = {k: v for k, v in (("scale", args.hires_scale), ("steps", args.hires_steps),
+                                  ("strength", args.hires_strength), ("upscaler", args.hires_upscaler),
+                                  ("resize", tuple(args.hires_resize) if args.hires_resize else None),
+                                  ("sampler", args.hires_sampler)) if v is not None}
+    if hr_given:  # any --hires-* flag turns the hires fix on
+        hires = Hires(**hr_given)
     if args.mask and not args.init_image:
         raise ValueError("--mask needs --init-image (the picture to inpaint)")
     pair = lambda v: tuple(v) if v else None  # noqa: E731
@@ -74,7 +84,7 @@ def request_from_args(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
         width=args.width, height=args.height, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
         sigmas=_floats(args.sigmas, "--sigmas"), eta=args.eta,
-        iterations=args.n_iter, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile,
+        iterations=args.n_iter, guidance_rescale=args.guidance_rescale, vae_tile=args.vae_tile, decoder=args.decoder,
         conditions=MicroConditions(original_size=pair(args.original_size), crop=pair(args.crop) or (0, 0),
                                    target_size=pair(args.target_size), aesthetic_score=args.aesthetic_score,
                                    negative_aesthetic_score=args.negative_aesthetic_score),
@@ -83,7 +93,42 @@ def request_from_args(args: argparse.Namespace):
         image_prompt=ImagePrompt(args.image_prompt, args.noise_level) if args.image_prompt else None,
         handoff=Handoff(refiner=args.refiner, switch_at=args.switch_at, mode=args.refiner_mode,
                         refiner_strength=args.refiner_strength),
+        hires=hires,
     )
+
+
+def parse_lora_arg(text: str) -> tuple[str, float, float]:
+    """`--lora PATH[:W]` or `PATH:TE_W:UNET_W` (A1111's order) -> (path or name, text strength, UNet strength).
+    Only trailing numbers are weights, so paths with `:` (C:\\...) stay whole."""
+    head, nums = text, []
+    while len(nums) < 2 and ":" in head:
+        rest, _, tail = head.rpartition(":")
+        try:
+            nums.insert(0, float(tail))
+        except ValueError:
+            break
+        head = rest
+    if not head:
+        raise ValueError(f"--lora {text!r}: give a file (or a name in --lora-dir), optionally :WEIGHT")
+    te = nums[0] if nums else 1.0
+    return head, te, nums[1] if len(nums) > 1 else te
+
+
+def _apply_lora_args(pipe, args: argparse.Namespace, request):
+    """--lora: a file is loaded into the pipeline (pipe.load_lora); anything else is a name in --lora-dir and
+    goes into the request, as a prompt tag would."""
+    import os
+
+    from .request import LoraSpec
+
+    names = []
+    for text in args.lora or []:
+        target, te, unet = parse_lora_arg(text)
+        if os.path.isfile(target):
+            pipe.load_lora(target, unet, text_strength=te)
+        else:
+            names.append(LoraSpec(target, unet, te))
+    return request.replace(loras=tuple(request.loras) + tuple(names)) if names else request
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -97,7 +142,8 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 def load_options(args: argparse.Namespace) -> dict:
     """The loading flags shared by generate, serve and eval -> Pipeline.from_pretrained keywords."""
-    return dict(device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile, vae=args.vae)
+    return dict(device=args.device, dtype=args.dtype, offload=args.offload, compile=args.compile, vae=args.vae,
+                tiny_decoder=args.tiny_decoder, quantize=args.quantize, quantize_text=args.quantize_text)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -107,9 +153,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     try:
         request = request_from_args(args)
-        pipe = Pipeline.from_pretrained(args.model, memory=args.memory, **load_options(args))
+        pipe = Pipeline.from_pretrained(args.model, memory=args.memory, lora_dir=args.lora_dir,
+                                        embeddings_dir=args.embeddings_dir, **load_options(args))
         for note in pipe.parts.notes:
             print(note)
+        request = _apply_lora_args(pipe, args, request)
         refiner = None
         if args.refiner:
             refiner = Pipeline.from_pretrained(args.refiner, memory=args.memory, **load_options(args))
@@ -123,6 +171,12 @@ def _generate(args: argparse.Namespace) -> int:
         save_png(img, path, result.infotext(k))
         print(f"wrote {path} (seed {result.seeds[k]})")
     return 0
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["none", "int8"], default=None,
+                   help="int8: the UNet's Linear weights as int8 (about 1/4 of their RAM; lossy: README \"int8\")")
+    p.add_argument("--quantize-text", action="store_true", help="with --quantize int8: the text encoders' too")
 
 
 def add_load_options(p: argparse.ArgumentParser, *, vae: bool = True, repeat_device: bool = False) -> None:
@@ -139,9 +193,14 @@ def add_load_options(p: argparse.ArgumentParser, *, vae: bool = True, repeat_dev
                    help="GPU memory: model = each component on the GPU only for its phase; sequential = weights "
                         "streamed layer by layer (slowest, least memory)")
     p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first call)")
+    add_quantize_options(p)
     if vae:
         p.add_argument("--vae", default=None,
                        help="a separate VAE (file or diffusers folder) instead of the checkpoint's, e.g. an fp16-safe one")
+    p.add_argument("--tiny-decoder", default=None,
+                   help="a tiny (TAESD) decoder for --decoder tiny and live previews: a file (e.g. taesdxl_decoder."
+                        "safetensors), a diffusers folder, or taesd / taesdxl from the HF cache; default: the model's "
+                        "own if it ships one (mini does); none: no tiny decoder")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,8 +224,9 @@ def _serve(args: argparse.Namespace) -> int:
                       max_width=args.max_width, max_height=args.max_height, max_steps=args.max_steps,
                       max_batch=args.max_batch, queue_size=args.queue_size, job_ttl=args.job_ttl,
                       preview=args.preview, devices=args.device or ["auto"], dtype=args.dtype,
-                      offload=args.offload, compile=args.compile, vae=args.vae, drain_timeout=args.drain_timeout,
-                      drain_grace=args.drain_grace,
+                      offload=args.offload, compile=args.compile, vae=args.vae, tiny_decoder=args.tiny_decoder,
+                      quantize=args.quantize, quantize_text=args.quantize_text, drain_timeout=args.drain_timeout,
+                      drain_grace=args.drain_grace, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                       max_memory=None if args.max_memory.lower() == "none" else args.max_memory))
     return 0
 
@@ -187,8 +247,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8, help="most images per request (batch x iterations)")
     s.add_argument("--queue-size", type=int, default=32, help="jobs that may wait; more are refused with 429")
     s.add_argument("--job-ttl", type=float, default=600.0, help="seconds a finished job stays retrievable")
-    s.add_argument("--preview", choices=["approx", "full", "none"], default="approx",
-                   help="live preview: linear latent->RGB fit, full VAE decode, or none")
+    s.add_argument("--preview", choices=["auto", "approx", "tiny", "full", "none"], default="auto",
+                   help="live preview: tiny = the tiny decoder, approx = linear latent->RGB fit, full = VAE decode, "
+                        "none; auto: tiny when the model has a tiny decoder, else approx")
     s.add_argument("--max-memory", default="auto",
                    help="RAM the server may use, models included (e.g. 16G); a job that would not fit runs in smaller "
                         "batches or with a tiled VAE, or is refused with 413. auto: the machine less 10 %% (at least "
@@ -197,6 +258,12 @@ def _add_serve(sub) -> None:
                    help="on SIGTERM/SIGINT: seconds to finish accepted jobs (new ones get 503) before cancelling the rest")
     s.add_argument("--drain-grace", type=float, default=5.0,
                    help="then seconds finished results stay retrievable before the process exits 0")
+    s.add_argument("--lora-dir", default=None,
+                   help="folder of LoRA .safetensors files that <lora:NAME:W> prompt tags and the APIs' `loras` name; "
+                        "listed at GET /sdapi/v1/loras")
+    s.add_argument("--embeddings-dir", default=None,
+                   help="folder of textual-inversion .safetensors files, used in prompts by file name or "
+                        "embedding:NAME; listed at GET /sdapi/v1/embeddings")
     add_load_options(s, repeat_device=True)
     s.set_defaults(func=_serve)
 
@@ -208,7 +275,8 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluate(args.model, args.data, args.clip, style=args.style, n_prompts=args.prompts, seed=args.seed,
                        steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, batch=args.batch,
                        output=args.output, inception_path=args.inception, score_clip_path=args.score_clip, log=log,
-                       device=args.device, dtype=args.dtype)
+                       device=args.device, dtype=args.dtype, decoder=args.decoder, tiny_decoder=args.tiny_decoder,
+                       quantize=args.quantize, quantize_text=args.quantize_text)
     print("\n".join(summary_lines(results)))
     print(f"wrote {args.output}/results.json, contact_sheet.png and images/")
     return 0
@@ -238,6 +306,10 @@ def _add_eval(sub) -> None:
     e.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps")
     e.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="compute dtype; auto: fp16 on CUDA/MPS, fp32 on the CPU")
+    e.add_argument("--decoder", choices=["full", "tiny"], default="full",
+                   help="decode the generated latents with the VAE or the tiny decoder (same seeds: compare the two)")
+    e.add_argument("--tiny-decoder", default=None, help="the tiny decoder for --decoder tiny; default: the model's own")
+    add_quantize_options(e)
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=_eval)
 
@@ -262,13 +334,15 @@ def _train(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     from .train.run import TASK_DEFAULTS, load_config_file
 
-    t = sub.add_parser("train", help="train a CLIP, a VAE or a UNet", description=(
+    t = sub.add_parser("train", help="train a CLIP, a VAE, a UNet or a LoRA", description=(
         "Train one part of a model. Runs as it is under `torchrun --nproc_per_node N` (DDP). "
         "Writes OUTPUT/log.jsonl, loss.png, samples/, state-*.safetensors (resumable) and the final weights."))
     tsub = t.add_subparsers(dest="task", required=True, parser_class=_Parser)
     for task, what in (("clip", "contrastive image tower + text towers (writes clip.safetensors)"),
                        ("vae", "KL-f8 autoencoder: L1 + perceptual + KL + PatchGAN (writes vae.safetensors)"),
-                       ("unet", "diffusion UNet with the SDXL recipe (writes model.safetensors)")):
+                       ("unet", "diffusion UNet with the SDXL recipe (writes model.safetensors)"),
+                       ("lora", "LoRA on a frozen model, UNet and optionally text towers, with the UNet's SDXL "
+                                "recipe (writes a kohya-format lora.safetensors)")):
         a = tsub.add_parser(task, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         d = TASK_DEFAULTS[task]
         g = a.add_argument_group("run")
@@ -314,12 +388,27 @@ def _add_train(sub) -> None:
                        help="drop images whose original area (before any upscaling) is below this squared, the "
                             "SDXL paper's discard-small-images baseline (0: keep all)")
         g = a.add_argument_group(task)
-        g.add_argument("--model", default="mini", help="preset architecture (random init) or checkpoint to start from"
-                       if task == "unet" else "preset whose architecture to train")
-        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task == "unet" else f"start from this {task}.safetensors")
+        g.add_argument("--model", default="mini", help={
+            "unet": "preset architecture (random init) or checkpoint to start from",
+            "lora": "the frozen model: checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature) "
+                    "or a tiny-* preset"}.get(task, "preset whose architecture to train"))
+        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task in ("unet", "lora") else f"start from this {task}.safetensors")
         if task == "unet":
             g.add_argument("--vae", default=None, help="vae.safetensors from `stablexl train vae` to use")
             g.add_argument("--text-encoders", default=None, help="clip.safetensors from `stablexl train clip`: its text towers")
+        if task == "lora":
+            g.add_argument("--rank", type=int, default=16, help="LoRA rank (kohya network_dim)")
+            g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the change is scaled by alpha/rank (default: rank)")
+            g.add_argument("--modules", default="attn,ff,proj",
+                           help="layers to adapt: attn (to_q/k/v/out), ff (GEGLU proj, out), proj (proj_in/out), "
+                                "conv (resnet convs, time projection, shortcut, down/upsamplers: LoCon)")
+            g.add_argument("--conv-rank", type=int, default=None, help="rank of the 3x3 convs (default: --rank)")
+            g.add_argument("--conv-alpha", type=float, default=None, help="alpha of the 3x3 convs (default: --alpha)")
+            g.add_argument("--text-encoders", action="store_true", help="also train LoRA on both text towers "
+                                                                        "(q/k/v/out_proj, fc1, fc2); captions are then not cached")
+            g.add_argument("--save-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of the saved factors")
+            g.add_argument("--output-name", default="lora", help="file name (OUTPUT/NAME.safetensors) and ss_output_name")
+        if task in ("unet", "lora"):
             g.add_argument("--prediction", choices=["eps", "v"], default=None, help="default: the model's")
             g.add_argument("--dropout-text", type=float, default=0.1, help="P(zero the text context and pooled vector)")
             g.add_argument("--dropout-size", type=float, default=0.1, help="P(zero the original-size embedding)")
@@ -401,6 +490,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-aesthetic-score", type=float, default=2.5, help="refiner conditioning")
     g.add_argument("--vae-tile", type=int, default=None,
                    help="decode in overlapping tiles of this many latents (64 = 512 px) to bound memory on large images")
+    g.add_argument("--decoder", choices=["full", "tiny"], default=None,
+                   help="final decode: the VAE (full), or the tiny decoder (faster, lossy; see --tiny-decoder)")
+    g.add_argument("--lora", action="append", default=None, metavar="PATH[:W]",
+                   help="apply a LoRA / LyCORIS .safetensors file (or a name in --lora-dir) at weight W (default 1; "
+                        "PATH:TE_W:UNET_W sets the text encoders' and the UNet's apart); repeatable")
+    g.add_argument("--lora-dir", default=None, help="folder that <lora:NAME:W> prompt tags and --lora names resolve in")
+    g.add_argument("--embeddings-dir", default=None,
+                   help="folder of textual-inversion .safetensors files; a prompt uses one by its file name (A1111) "
+                        "or as embedding:NAME (ComfyUI)")
+    g.add_argument("--hires-scale", type=float, default=None,
+                   help="hires fix (any --hires-* flag turns it on): upscale the first pass by this factor (default 2) "
+                        "and run an image-to-image pass at that size")
+    g.add_argument("--hires-resize", type=int, nargs=2, metavar=("W", "H"), default=None,
+                   help="hires fix: target size instead of --hires-scale (0 for one side keeps the aspect ratio)")
+    g.add_argument("--hires-steps", type=int, default=None, help="hires fix: second-pass steps (default: --steps)")
+    g.add_argument("--hires-strength", type=float, default=None,
+                   help="hires fix: denoising strength of the second pass (default 0.7)")
+    g.add_argument("--hires-upscaler", default=None,
+                   help="hires fix: Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic "
+                        "antialiased)', 'Latent (nearest)', 'Latent (nearest-exact)', or Lanczos / Nearest (pixels)")
+    g.add_argument("--hires-sampler", default=None, help="hires fix: the second pass's sampler (default: --sampler)")
     add_load_options(g)
     g.add_argument("--memory", choices=["keep", "low"], default="keep",
                    help="low: file-backed weights leave RAM after each use (one component resident at a time)")

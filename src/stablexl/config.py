@@ -42,6 +42,15 @@ class UNetConfig:
     vector_dim: int = 0  # `adm_in_channels`: 2816 SDXL base, 2560 refiner, 2048/1536 unCLIP; 0 = none
     upcast_attention: bool = False  # SD 2.1-768 computes attention in fp32
     norm_groups: int = 32
+    # Depths that differ inside a level (Segmind SSD-1B, Vega: diffusers' nested transformer_layers_per_block /
+    # reverse_transformer_layers_per_block): per level, indexed as transformer_depth, one depth per ResBlock
+    # (down: num_res_blocks, up: num_res_blocks + 1). None: transformer_depth[level] for every ResBlock.
+    down_layer_depths: tuple[tuple[int, ...], ...] | None = None
+    up_layer_depths: tuple[tuple[int, ...], ...] | None = None
+    # ResBlock, SpatialTransformer, ResBlock ("attention"); one ResBlock ("resnet": diffusers' UNetMidBlock2D,
+    # SSD-1B and Vega); or no mid block ("none")
+    mid_block: Literal["attention", "resnet", "none"] = "attention"
+    micro_dim: int = 256  # sinusoidal features per SDXL micro-condition (diffusers `addition_time_embed_dim`)
 
     def __post_init__(self) -> None:
         if (self.num_heads is None) == (self.head_dim is None):
@@ -51,6 +60,35 @@ class UNetConfig:
                 f"UNetConfig: transformer_depth has {len(self.transformer_depth)} entries but channel_mult has "
                 f"{len(self.channel_mult)}; give one depth per level (0 = no attention)"
             )
+        if self.mid_block not in ("attention", "resnet", "none"):
+            raise ValueError(f"UNetConfig: mid_block {self.mid_block!r}; use attention, resnet or none")
+        for name, per_level in (("down", self.num_res_blocks), ("up", self.num_res_blocks + 1)):
+            depths = getattr(self, f"{name}_layer_depths")
+            if depths is None:
+                continue
+            depths = tuple(tuple(int(d) for d in level) for level in depths)  # JSON gives lists
+            object.__setattr__(self, f"{name}_layer_depths", depths)
+            if len(depths) != len(self.channel_mult) or any(len(level) != per_level for level in depths):
+                raise ValueError(f"UNetConfig: {name}_layer_depths needs {len(self.channel_mult)} levels of "
+                                 f"{per_level} depths each, got {depths}")
+            for level, ds in enumerate(depths):
+                if bool(self.transformer_depth[level]) != any(ds) or (any(ds) and min(ds) < 1):
+                    raise ValueError(f"UNetConfig: {name}_layer_depths[{level}] = {ds} must be all 0 (a level without "
+                                     "attention) or all >= 1, as transformer_depth says")
+            if all(ds == (self.transformer_depth[i],) * per_level for i, ds in enumerate(depths)):
+                object.__setattr__(self, f"{name}_layer_depths", None)  # one form per network: equal configs compare equal
+
+    def down_depths(self, level: int) -> tuple[int, ...]:
+        """Transformer depth after each ResBlock of a down level (0: no attention)."""
+        if self.down_layer_depths is not None:
+            return self.down_layer_depths[level]
+        return (self.transformer_depth[level],) * self.num_res_blocks
+
+    def up_depths(self, level: int) -> tuple[int, ...]:
+        """Transformer depth after each ResBlock of an up level (0: no attention)."""
+        if self.up_layer_depths is not None:
+            return self.up_layer_depths[level]
+        return (self.transformer_depth[level],) * (self.num_res_blocks + 1)
 
     @property
     def time_embed_dim(self) -> int:
@@ -82,6 +120,44 @@ class VAEConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+
+LatentSpace = Literal["sd", "sdxl", "mini"]
+
+
+@dataclass(frozen=True)
+class TinyAutoencoderConfig:
+    """AutoencoderTiny (TAESD, madebyollin/taesd; diffusers `AutoencoderTiny`): a VAE-free encoder/decoder of
+    one VAE's *scaled* latent space (what the UNet sees), distilled from that VAE.
+
+    Levels run from the latent side for the decoder and from the image side for the encoder. TAESD has 64
+    channels everywhere; unequal widths (our miniature's) change only the convolution between two levels,
+    c_i -> c_(i+1), like upstream's F32Decoder (diffusers' class supports equal widths only).
+    """
+
+    latent_channels: int = 4
+    image_channels: int = 3
+    encoder_channels: tuple[int, ...] = (64, 64, 64, 64)  # per level, image side first
+    encoder_blocks: tuple[int, ...] = (1, 3, 3, 3)
+    decoder_channels: tuple[int, ...] = (64, 64, 64, 64)  # per level, latent side first
+    decoder_blocks: tuple[int, ...] = (3, 3, 3, 1)
+    # Which VAE it stands in for: sd (SD 1.x/2.x), sdxl, the miniature's; None: not known (a bare upstream file
+    # says nothing, and taesd and taesdxl files have identical shapes)
+    latent_space: LatentSpace | None = None
+    # Only for packing latents into uint8 images (taesd.py `scale_latents`): raw -> raw/(2·3) + 0.5 in [0, 1]
+    latent_magnitude: float = 3.0
+    latent_shift: float = 0.5
+
+    def __post_init__(self) -> None:
+        for side in ("encoder", "decoder"):
+            if len(getattr(self, f"{side}_channels")) != len(getattr(self, f"{side}_blocks")):
+                raise ValueError(f"TinyAutoencoderConfig: {side}_channels and {side}_blocks need one entry per level")
+        if len(self.encoder_channels) != len(self.decoder_channels):
+            raise ValueError("TinyAutoencoderConfig: encoder and decoder need the same number of levels")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.decoder_channels) - 1)
 
 
 @dataclass(frozen=True)
@@ -260,6 +336,9 @@ SDXL_REFINER_UNET = UNetConfig(
 
 SD_VAE = VAEConfig(scaling_factor=0.18215)
 SDXL_VAE = VAEConfig(scaling_factor=0.13025)
+# TAESD / TAESDXL: same network, distilled from the SD and SDXL VAEs (madebyollin/taesd taesd.py @5cccb12)
+TAESD = TinyAutoencoderConfig(latent_space="sd")
+TAESDXL = TinyAutoencoderConfig(latent_space="sdxl")
 
 CLIP_L_TEXT = CLIPTextConfig(width=768, layers=12, heads=12, mlp_dim=3072, activation="quick_gelu")
 # The official SD 2.x files carry all 24 blocks and the projection; SD 2.x reads block 23 (+ final LN).
@@ -375,6 +454,12 @@ MINI = ModelConfig(
         TextEncoderSpec(MINI_TEXT_G, layer=2, final_norm=False, pad_id=PAD_ZERO, pooled=True),
     ),
 )
+
+# The miniature's tiny decoder (trained by scripts/train_tiny_decoder.py): TAESD's block counts, narrower
+# at the two high-resolution levels so that it stays under 1 M parameters (2 MB in fp16).
+TAESD_MINI = TinyAutoencoderConfig(latent_space="mini", encoder_channels=(32, 32, 64, 64),
+                                   decoder_channels=(64, 64, 32, 32))
+TINY_AUTOENCODERS: dict[str, TinyAutoencoderConfig] = {"taesd": TAESD, "taesdxl": TAESDXL, "taesd-mini": TAESD_MINI}
 
 PRESETS: dict[str, ModelConfig] = {
     c.name: c

@@ -14,12 +14,19 @@ SAMPLER_NAMES = ("ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m",
                  "lms", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde_heun",
                  "dpmpp_3m_sde", "restart", "euler_cfg_pp", "euler_ancestral_cfg_pp",
                  "uni_pc", "uni_pc_bh2", "deis", "tcd")
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep spacings; the rest are the peers'
 SCHEDULE_NAMES = ("leading", "trailing", "linspace", "karras", "exponential", "normal", "simple", "sgm_uniform",
                   "ddim_uniform", "beta", "kl_optimal", "align_your_steps", "polyexponential", "linear_quadratic")
 # the samplers that take an `eta` (the amount of fresh noise per step); samplers.py checks their signatures
 ETA_SAMPLERS = frozenset({"ddim", "euler_ancestral", "dpmpp_2m_sde", "dpm_2_ancestral", "dpmpp_2s_ancestral",
                           "dpmpp_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "euler_ancestral_cfg_pp",
                           "tcd"})  # tcd: eta is TCD's gamma
+# The samplers whose peers drop the next-to-last σ of the schedule (they make steps + 1 levels and remove the
+# penultimate, so the last step goes from a moderate σ straight to 0 instead of taking a tiny second-order
+# step near σ_min): A1111 for DPM2, DPM2 a and DPM++ 3M SDE (`discard_next_to_last_sigma` in
+# modules/sd_samplers_kdiffusion.py), ComfyUI for dpm_2 and dpm_2_ancestral (KSampler.
+# DISCARD_PENULTIMATE_SIGMA_SAMPLERS, which also lists its own UniPC; ours follows diffusers' UniPC instead).
+DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde"})
 
 # our sampler / schedule names -> A1111 display names
 A1111_SAMPLER = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",

@@ -34,10 +34,17 @@ from .models.conditioning import Conditioning, encode_text, refiner_vector, sdxl
 from .models.parts import ModelParts, build_parts
 from .models.tokenizer import CLIPTokenizer, default_tokenizer
 from .prompts import encode_prompts_weighted, needs_weighting
+from .quant import check_mode as check_quantize
+from .models.taesd import AutoencoderTiny, decode_tiny
 from .models.vae import decode_latents
 from .request import (  # noqa: F401  (load_image: re-exported)
-    GenerationRequest, Handoff, ImageInput, Limits, MicroConditions, load_image, request_from_flat, resolve,
+    LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationRequest, Handoff, ImageInput, Limits, LoraSpec, MicroConditions,
+    RequestError, hires_steps, hires_target, load_image,
+    request_from_flat, resolve,
 )
+from .adapters.lora import Active, LoraError, LoraStack
+from .adapters.tags import LoraFolder
+from .adapters.embeddings import Embeddings
 
 # fractional t(σ), as in diffusers' Euler, Heun, LMS and KDPM2 schedulers; CFG++ and Restart go as Euler and Heun
 EULER_FAMILY = {"euler", "euler_ancestral", "heun", "lcm", "lms", "dpm_2", "dpm_2_ancestral", "euler_cfg_pp",
@@ -109,12 +116,13 @@ class GenerationResult:
     notes: list[str] = field(default_factory=list)
     noise: "SeededNoise | None" = None  # the generators, to continue them in a refiner stage
     model_hash: str | None = None  # A1111's "Model hash" of the (base) model, for the infotext
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # the LoRAs applied: name -> A1111 12-hex hash
 
     def infotext(self, index: int) -> str:
         """The A1111 `parameters` text of image `index` (what every PNG we write carries)."""
         from .io.metadata import generation_infotext
 
-        return generation_infotext(self.request, index, model_hash=self.model_hash)
+        return generation_infotext(self.request, index, model_hash=self.model_hash, lora_hashes=self.lora_hashes)
 
 
 def latents_to_images(t: Tensor) -> list[Image.Image]:
@@ -122,13 +130,36 @@ def latents_to_images(t: Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def _load_tiny_decoder(spec, parts: ModelParts, dtype: torch.dtype, device, allow_pickle: bool) -> AutoencoderTiny | None:
+    """`from_pretrained`'s tiny_decoder: None -> the model's shipped one (if any), "none" -> none, else a file/name."""
+    from .io.tiny import load_tiny_autoencoder, model_latent_space, shipped_tiny_decoder
+
+    space = model_latent_space(parts.config)
+    if spec is None:
+        spec = shipped_tiny_decoder(parts.config)
+        if spec is None:
+            return None
+    elif str(spec) == "none":
+        return None
+    tiny = load_tiny_autoencoder(spec, latent_space=space, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if tiny.decoder is None:
+        raise ValueError(f"tiny_decoder {spec}: holds only an encoder; pass the *_decoder file")
+    if tiny.config.latent_channels != parts.config.vae.latent_channels:
+        raise ValueError(f"tiny_decoder {spec}: reads {tiny.config.latent_channels}-channel latents, this model makes "
+                         f"{parts.config.vae.latent_channels}-channel ones")
+    parts.notes.append(f"tiny decoder from {spec}")
+    return tiny
+
+
 class Pipeline:
     def __init__(self, parts: ModelParts, tokenizer: CLIPTokenizer | None = None, name: str | None = None,
                  memory: MemoryPolicy | str | None = None, *, device: str | torch.device | None = None,
-                 offload: str = "none", compile: bool | str = False):
+                 offload: str = "none", compile: bool | str = False, lora_dir: str | os.PathLike | None = None,
+                 tiny_decoder: AutoencoderTiny | None = None, embeddings_dir: str | os.PathLike | None = None):
         """Wire loaded parts. `device` is where they compute (they are moved there unless offloaded; None: where
         the UNet already is); the compute dtype is the UNet's. `from_pretrained` chooses device and dtype by name.
-        `compile`: True (inductor) or a torch.compile backend name."""
+        `compile`: True (inductor) or a torch.compile backend name. `tiny_decoder`: a TAESD-style decoder of this
+        model's latents, for `decoder="tiny"` requests and live previews."""
         if parts.config.family not in ("sd1", "sd2", "sdxl-base", "sdxl-refiner", "sd2-unclip"):
             raise ValueError(f"no pipeline for model family {parts.config.family!r}")
         self.parts = parts
@@ -154,6 +185,13 @@ class Pipeline:
         if self.compiled:  # in place, so the module keeps its identity (hooks, state_dict)
             parts.unet.compile(**({} if compile is True else {"backend": compile}))
         self._release(*parts.modules().values())  # the loader's NaN check touched every weight
+        # LoRAs: the ones merged into the weights (adapters/lora.py), and the folder prompt tags name them in
+        self.loras = LoraStack(parts)
+        self.lora_folder = None if lora_dir is None else LoraFolder(lora_dir)
+        # textual inversions: the folder's files as this model reads them (adapters/embeddings.py)
+        self.embeddings = None if embeddings_dir is None else Embeddings(embeddings_dir, parts.config)
+        # a few MB: always where decoding happens, whatever the offload mode
+        self.tiny_decoder = None if tiny_decoder is None else tiny_decoder.to(self.device)
 
     @property
     def config(self) -> ModelConfig:
@@ -207,14 +245,22 @@ class Pipeline:
                         dtype: str | torch.dtype | None = "auto", memory: MemoryPolicy | str | None = None,
                         offload: str = "none", compile: bool | str = False, vae: str | os.PathLike | None = None,
                         allow_pickle: bool = False, variant: str | None = None, prediction: str | None = None,
-                        config: ModelConfig | None = None, **unknown) -> "Pipeline":
+                        config: ModelConfig | None = None, lora_dir: str | os.PathLike | None = None,
+                        tiny_decoder: str | os.PathLike | None = None, quantize: str | None = None,
+                        quantize_text: bool = False, embeddings_dir: str | os.PathLike | None = None,
+                        **unknown) -> "Pipeline":
         """A checkpoint path / diffusers folder / HF cache id, "mini" (the shipped miniature, trained on emoji
         art), or a `tiny-*` preset (random weights, for tests).
 
         `device`: auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps. `dtype`: auto (fp16 on CUDA/MPS,
         fp32 on the CPU, whatever the file stores) | fp32 | fp16 | bf16. `offload`: none | model | sequential
         (GPU memory modes). `compile`: run the UNet through torch.compile. `vae`: a separate VAE (file or
-        diffusers folder) instead of the checkpoint's, as A1111's sd_vae."""
+        diffusers folder) instead of the checkpoint's, as A1111's sd_vae. `tiny_decoder`: a TAESD-style decoder
+        (stablexl/io/tiny.py: a file, a diffusers folder, "taesd" / "taesdxl" from the HF cache), for
+        `decoder="tiny"` and previews; None: the model's own if it ships one (the miniature does), "none": none.
+        `quantize`: "int8" stores the UNet's Linear weights as int8 (stablexl/quant.py; a file saved so loads
+        as int8 whatever is asked), `quantize_text` the text encoders' too. `embeddings_dir`: a folder of
+        textual-inversion .safetensors files, triggered in prompts by file name or `embedding:NAME`."""
         from .io.models import load_model
 
         if unknown:  # the same answer for presets, the miniature and files
@@ -224,6 +270,9 @@ class Pipeline:
         dev = resolve_device(device)
         compute = resolve_dtype(dtype, dev)
         offload = check_offload(offload)
+        quantize = check_quantize(quantize)
+        if quantize_text and quantize is None:
+            raise ValueError("quantize_text=True needs quantize='int8'")
         load_device = dev if offload == "none" else torch.device("cpu")
         name = str(name_or_path)
         if name == "mini" and not os.path.exists(name):  # the shipped miniature (stablexl/assets/mini)
@@ -245,13 +294,51 @@ class Pipeline:
                                variant=variant, prediction=prediction, config=config,
                                after_check=release if policy.release_after_use else None)
             name = os.path.basename(os.path.normpath(name))
+        if quantize is not None:
+            parts.quantize(quantize, text_encoders=quantize_text)
         if vae is not None:
             from .io.models import load_vae
 
             parts.vae = load_vae(vae, vae_config=parts.config.vae, dtype=compute, device=load_device)
             parts.notes.append(f"VAE from {vae}")
         parts.vae.to(vae_dtype(compute, parts.vae.config.force_upcast))
-        return cls(parts, name=name, memory=memory, device=dev, offload=offload, compile=compile)
+        tiny = _load_tiny_decoder(tiny_decoder, parts, compute, load_device, allow_pickle)
+        return cls(parts, name=name, memory=memory, device=dev, offload=offload, compile=compile, lora_dir=lora_dir,
+                   tiny_decoder=tiny, embeddings_dir=embeddings_dir)
+
+    # ----------------------------------------------------------------------------------------------
+    # LoRAs (the logic is in adapters/lora.py)
+    # ----------------------------------------------------------------------------------------------
+
+    def load_lora(self, path: str | os.PathLike, strength: float = 1.0, *, text_strength: float | None = None,
+                  name: str | None = None):
+        """Merge a LoRA / LyCORIS file into the weights until `unload_loras` (UNet at `strength`, text encoders
+        at `text_strength`, default `strength`). Loading a name again replaces its strengths (never doubles).
+        int8 layers (`quantize="int8"`) are not merged: the LoRA is applied at run time. A file that does not fit the model raises LoraError and changes nothing. Returns the matched Lora."""
+        lora = self.loras.load(path, name=name)
+        self.loras.add(lora, strength, text_strength)
+        return lora
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: the original weights are put back bit for bit."""
+        self.loras.clear()
+
+    def _apply_loras(self, req: GenerationRequest) -> tuple[GenerationRequest, dict[str, str]]:
+        """Merge the pinned LoRAs plus the resolved request's (only the layers whose sum changes are rewritten).
+        Returns the request listing every LoRA in effect, and their A1111 short hashes for the infotext."""
+        extra = []
+        for spec in req.loras:  # every file read and matched before any weight changes
+            pinned = self.loras.pinned.get(spec.name)
+            try:
+                lora = pinned.lora if pinned else self.loras.load(self.lora_folder.find(spec.name), name=spec.name)
+            except (LoraError, LookupError) as e:
+                raise RequestError("loras", str(e)) from None
+            extra.append(Active(lora, spec.text_strength, spec.strength))
+        self.loras.apply(extra)
+        active = self.loras.active.values()
+        specs = tuple(LoraSpec(a.lora.name, a.unet_strength, a.text_strength) for a in active)
+        hashes = {a.lora.name: a.lora.short_hash for a in active if a.lora.short_hash}
+        return req.replace(loras=specs), hashes
 
     # ----------------------------------------------------------------------------------------------
     # Generating: a request in, images out
@@ -261,7 +348,8 @@ class Pipeline:
                 limits: Limits | None = None) -> GenerationRequest:
         """`request` with this model's defaults filled in and every check applied (RequestError otherwise)."""
         return resolve(request, self.config, name=self.name, refiner_config=None if refiner is None else refiner.config,
-                       limits=limits)
+                       limits=limits, lora_folder=self.lora_folder, loaded_loras=tuple(self.loras.pinned),
+                       has_tiny_decoder=self.tiny_decoder is not None, embeddings=self.embeddings)
 
     @torch.no_grad()
     def generate(self, request: GenerationRequest, *, refiner: "Pipeline | None" = None,
@@ -270,11 +358,14 @@ class Pipeline:
         base -> refiner hand-off (`request.handoff`, with `refiner` the refiner's pipeline) and unCLIP
         variations (`request.image_prompt`). `callback(i, n, x, x0)` is called after every sampler step."""
         req = self.resolve(request, refiner)
+        req, lora_hashes = self._apply_loras(req)
         runs = []
         for it in range(req.iterations):
             seeds = req.seeds(it)
             if req.handoff.refiner is not None:
                 runs.append(self._refine(refiner, req, seeds, callback))
+            elif req.hires is not None:
+                runs.append(self._hires(req, seeds, callback))
             else:
                 runs.append(self._run(req, seeds, callback=callback))
         notes = list(self.parts.notes)
@@ -282,7 +373,8 @@ class Pipeline:
             notes += [n for n in r.notes if n not in notes]
         images = [img for r in runs for img in r.images]
         return GenerationResult(images, torch.cat([r.latents for r in runs]), [s for r in runs for s in r.seeds],
-                                req, notes, noise=runs[-1].noise, model_hash=self.model_hash if images else None)
+                                req, notes, noise=runs[-1].noise, model_hash=self.model_hash if images else None,
+                                lora_hashes=lora_hashes)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
@@ -333,9 +425,51 @@ class Pipeline:
             batch=req.batch, guidance_rescale=req.guidance_rescale,
             conditions=MicroConditions(aesthetic_score=mc.aesthetic_score,
                                        negative_aesthetic_score=mc.negative_aesthetic_score),
-            image=image, handoff=stage, vae_tile=req.vae_tile)
+            image=image, handoff=stage, vae_tile=req.vae_tile, decoder=req.decoder)
         out = refiner._run(refiner.resolve(stage_req), seeds, noise=base.noise, callback=callback)
         return GenerationResult(out.images, out.latents, seeds, req, base.notes + out.notes, noise=out.noise)
+
+    def _hires(self, req: GenerationRequest, seeds: list[int], callback) -> GenerationResult:
+        """One iteration with the hires fix (request.Hires; A1111 processing.py sample_hr_pass): the first pass,
+        the upscale, then image-to-image at the larger size with fresh noise from the same seeds. With a latent
+        mode this is, exactly, `pipe(..., output_type="latent")`, F.interpolate, and `pipe(..., init_image=latents,
+        steps=total, strength=s)` with (total, s) = request.hires_steps(hires)."""
+        from .names import ETA_SAMPLERS
+
+        hr, f = req.hires, self.config.vae.downsample_factor
+        w, h, tx, ty = hires_target(req.width, req.height, hr, f)
+        pixel = hr.upscaler in PIXEL_UPSCALERS
+        first = self._run(req.replace(hires=None, output_type="pil" if pixel else "latent"), seeds, callback=callback)
+        noise = None
+        if pixel:  # decoded, resized with PIL, cropped to the target, encoded again (A1111 crops the latent instead)
+            resample = getattr(Image, PIXEL_UPSCALERS[hr.upscaler])
+            left, top = f * (tx // 2), f * (ty // 2)
+            fw, fh = w - f * tx, h - f * ty
+            images = [im.resize((w, h), resample).crop((left, top, left + fw, top + fh)) for im in first.images]
+            noise = SeededNoise(seeds, (self.config.unet.out_channels, fh // f, fw // f), device=self.device)
+            with self._phase(self.parts.vae):
+                pixels = torch.cat([image_to_tensor(im, fw, fh) for im in images]).to(self.device)
+                latents = self.encode_image(pixels, noise)  # a posterior sample per seed, then the noise draw
+        else:  # A1111: F.interpolate(samples, size=(H // 8, W // 8), mode, antialias), no VAE round trip
+            mode, antialias = LATENT_UPSCALERS[hr.upscaler]
+            latents = F.interpolate(first.latents.float(), size=(h // f, w // f), mode=mode, antialias=antialias)
+            latents = latents[:, :, ty // 2:latents.shape[2] - (ty + 1) // 2, tx // 2:latents.shape[3] - (tx + 1) // 2]
+        total, strength = hires_steps(hr)
+        mc = req.conditions
+        stage = GenerationRequest(
+            prompt=hr.prompt if hr.prompt is not None else req.prompt,
+            negative_prompt=hr.negative_prompt if hr.negative_prompt is not None else req.negative_prompt,
+            steps=total, cfg=hr.cfg, seed=seeds[0], sampler=hr.sampler, schedule=hr.schedule,
+            eta=req.eta if hr.sampler in ETA_SAMPLERS else None, batch=req.batch, guidance_rescale=req.guidance_rescale,
+            # the size conditions are the larger image's (diffusers' second pipeline call); the crop carries over
+            conditions=MicroConditions(crop=mc.crop, aesthetic_score=mc.aesthetic_score,
+                                       negative_aesthetic_score=mc.negative_aesthetic_score),
+            image=ImageInput(latents, strength=strength), image_prompt=req.image_prompt, vae_tile=req.vae_tile,
+            decoder=req.decoder, output_type=req.output_type)
+        out = self._run(self.resolve(stage), seeds, noise=noise, callback=callback)
+        return GenerationResult(out.images, out.latents, seeds, req, first.notes + [n for n in out.notes
+                                                                                     if n not in first.notes],
+                                noise=out.noise)
 
     def _run(self, req: GenerationRequest, seeds: list[int], *, noise: SeededNoise | None = None,
              callback=None) -> GenerationResult:
@@ -373,7 +507,10 @@ class Pipeline:
         if req.sigmas is not None:
             sigmas_full = torch.tensor(req.sigmas, dtype=torch.float32)
         else:
-            sigmas_full = make_sigmas(self.schedule, req.steps, req.schedule, final=final, family=cfg_model.family)
+            sigmas_full = make_sigmas(self.schedule, req.steps + int(req.discard_penultimate), req.schedule, final=final,
+                                      family=cfg_model.family)
+            if req.discard_penultimate:  # A1111 / ComfyUI: n + 1 levels, the next-to-last dropped (names.py)
+                sigmas_full = torch.cat([sigmas_full[:-2], sigmas_full[-1:]])
         # some schedules (ComfyUI's ddim_uniform, beta) give a few more or fewer levels than the steps asked
         first, last = self.step_range(len(sigmas_full) - 1, sigmas_full, strength, h.denoising_start, h.denoising_end)
         sigmas = sigmas_full[first:last + 1]
@@ -424,10 +561,14 @@ class Pipeline:
         x = x / math.sqrt(1 + float(sigmas[-1]) ** 2)  # VE -> data scale (identity unless DDIM stops at σ_min)
         if req.output_type == "latent":
             return GenerationResult([], x, seeds, req, notes, noise=noise)
-        with self._phase(self.parts.vae):
-            dec = self._decode(x, req.vae_tile)
+        if req.decoder == "tiny":  # resolve() checked that there is one
+            dec = decode_tiny(self.tiny_decoder, x)
+            notes.append("decoded with the tiny decoder (TAESD)")
+        else:
+            with self._phase(self.parts.vae):
+                dec = self._decode(x, req.vae_tile)
         if dec.upcast:
-            notes.append("VAE decode overflowed in reduced precision and was redone in fp32")
+            notes.append("decode overflowed in reduced precision and was redone in fp32")
         images = dec.images
         if mask_t is not None:  # keep unmasked pixels exactly (the VAE round trip would alter them)
             images = image_t * (1 - mask_t) + images * mask_t
@@ -456,8 +597,8 @@ class Pipeline:
 
     # ----------------------------------------------------------------------------------------------
 
-    def _tokens(self, prompts: list[str]) -> list[Tensor]:
-        return [self.tokenizer(prompts, pad_id=spec.pad_id) for spec in self.config.text_encoders]
+    def _tokens(self, prompts: list[str], added=None) -> list[Tensor]:
+        return [self.tokenizer(prompts, pad_id=spec.pad_id, added=added) for spec in self.config.text_encoders]
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative: list[str] | None, *, size: tuple[int, int],
@@ -471,29 +612,32 @@ class Pipeline:
         enc = self.parts.text_encoders
         zero_uncond = negative is None and cfg.family == "sdxl-base"
         negs = negative or [""] * len(prompts)
-        if any(needs_weighting(p, tokenizer=self.tokenizer) for p in prompts + (negs if not zero_uncond else [])):
+        table = None if self.embeddings is None else self.embeddings.table()  # textual inversions
+        added, extra = (None, None) if table is None else (table.tokens, table.vectors)
+        if any(needs_weighting(p, tokenizer=self.tokenizer, added=added)
+               for p in prompts + (negs if not zero_uncond else [])):
             # A1111 syntax / long prompts: prompts and negatives in one call so their chunk counts agree
             texts = prompts + ([] if zero_uncond else negs)
-            all_ctx, all_pooled = encode_prompts_weighted(cfg, enc, texts, tokenizer=self.tokenizer)
+            all_ctx, all_pooled = encode_prompts_weighted(cfg, enc, texts, tokenizer=self.tokenizer, embeddings=table)
             b = len(prompts)
             ctx, pooled = all_ctx[:b], None if all_pooled is None else all_pooled[:b]
             if not zero_uncond:
                 uctx, upooled = all_ctx[b:], None if all_pooled is None else all_pooled[b:]
         else:  # plain prompts: exactly diffusers' encoding
-            ctx, pooled = encode_text(cfg, enc, self._tokens(prompts))
+            ctx, pooled = encode_text(cfg, enc, self._tokens(prompts, added), extra)
             if not zero_uncond:
-                uctx, upooled = encode_text(cfg, enc, self._tokens(negs))
+                uctx, upooled = encode_text(cfg, enc, self._tokens(negs, added), extra)
         if zero_uncond:
             uctx, upooled = torch.zeros_like(ctx), None if pooled is None else torch.zeros_like(pooled)
         original_size = original_size or size
         target_size = target_size or size
         n_orig, n_crop, n_target = negative_original_size or original_size, negative_crop or crop, negative_target_size or target_size
         if cfg.family == "sdxl-base":
-            vec = sdxl_vector(pooled, original_size, crop, target_size)
-            uvec = sdxl_vector(upooled, n_orig, n_crop, n_target)
+            vec = sdxl_vector(pooled, original_size, crop, target_size, cfg.unet.micro_dim)
+            uvec = sdxl_vector(upooled, n_orig, n_crop, n_target, cfg.unet.micro_dim)
         elif cfg.family == "sdxl-refiner":
-            vec = refiner_vector(pooled, original_size, crop, aesthetic_score)
-            uvec = refiner_vector(upooled, n_orig, n_crop, negative_aesthetic_score)
+            vec = refiner_vector(pooled, original_size, crop, aesthetic_score, cfg.unet.micro_dim)
+            uvec = refiner_vector(upooled, n_orig, n_crop, negative_aesthetic_score, cfg.unet.micro_dim)
         else:
             vec = uvec = None
         return Conditioning(ctx, vec), Conditioning(uctx, uvec)

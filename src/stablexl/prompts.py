@@ -14,8 +14,12 @@ Unbalanced brackets follow A1111: a group never closed still multiplies everythi
 opening bracket (round groups first, then square, in opening order); a closer with no open group
 of its kind is literal text. Adjacent pieces of exactly equal weight are merged.
 
+Textual-inversion triggers (adapters/embeddings.py) are words of the text: each piece is tokenized with
+the `embeddings` table's added words, so "(name:1.2)" weighs every vector of the embedding by 1.2 and a
+trigger fills as many token slots as it has vectors (A1111 `sd_hijack_clip.py` counts them the same way).
+
 Not supported (A1111 features of other modules): prompt editing `[a:b:step]`, alternation
-`[a|b]`, composable `AND`, textual-inversion embeddings. Such text is parsed as attention syntax
+`[a|b]`, composable `AND`. Such text is parsed as attention syntax
 only, e.g. "[a:b:0.5]" is the literal "a:b:0.5" at weight 1/1.1.
 
 Deliberate deviation: A1111 scales a BREAK marker by the brackets around it (so inside "( ... )"
@@ -225,8 +229,8 @@ def _check_backtrack(comma_backtrack: object) -> int:
     return comma_backtrack
 
 
-def _chunk_tokens(pieces: list[_Piece], tok: CLIPTokenizer, pad_id: int | None, comma_backtrack: int
-                  ) -> list[tuple[list[int], list[float]]]:
+def _chunk_tokens(pieces: list[_Piece], tok: CLIPTokenizer, pad_id: int | None, comma_backtrack: int,
+                  added=None) -> list[tuple[list[int], list[float]]]:
     """Weighted pieces -> chunks of at most 75 (token, weight) pairs, without BOS/EOS."""
     comma = tok.encode(",")[0]
     chunks: list[tuple[list[int], list[float]]] = []
@@ -246,7 +250,7 @@ def _chunk_tokens(pieces: list[_Piece], tok: CLIPTokenizer, pad_id: int | None, 
         if piece.is_break:
             close()
             continue
-        for t in tok.encode(piece.text, pad_id=pad_id):
+        for t in tok.encode(piece.text, pad_id=pad_id, added=added):
             if t == comma:
                 last_comma = len(ids)
             elif (comma_backtrack and len(ids) == CHUNK_TOKENS and last_comma >= 0
@@ -262,12 +266,13 @@ def _chunk_tokens(pieces: list[_Piece], tok: CLIPTokenizer, pad_id: int | None, 
 
 
 def tokenize_weighted(prompt: str, pad_id: int, *, comma_backtrack: int = COMMA_BACKTRACK,
-                      tokenizer: CLIPTokenizer | None = None) -> tuple[Tensor, Tensor]:
+                      tokenizer: CLIPTokenizer | None = None, added=None) -> tuple[Tensor, Tensor]:
     """Prompt -> (ids (n_chunks, 77) long, weights (n_chunks, 77) float32).
 
     Each row is [BOS] + up to 75 tokens + [EOS], right-padded with `pad_id` (EOS for CLIP-L, 0 for
     OpenCLIP); BOS, EOS and padding weigh 1.0. `pad_id` is also passed to the tokenizer so that,
-    as in diffusers' OpenCLIP tokenizer, every "!" becomes the pad token when pad_id is 0.
+    as in diffusers' OpenCLIP tokenizer, every "!" becomes the pad token when pad_id is 0. `added`: the
+    tokenizer's AddedTokens (textual-inversion triggers).
     """
     _check_prompt(prompt)
     comma_backtrack = _check_backtrack(comma_backtrack)
@@ -277,7 +282,7 @@ def tokenize_weighted(prompt: str, pad_id: int, *, comma_backtrack: int = COMMA_
             f"pad_id must be an int token id in [0, {tok.vocab_size}) (the encoder's TextEncoderSpec.pad_id: "
             f"{tok.EOS} for CLIP-L, 0 for OpenCLIP), got {pad_id!r}"
         )
-    chunks = _chunk_tokens(_parse(prompt), tok, pad_id, comma_backtrack)
+    chunks = _chunk_tokens(_parse(prompt), tok, pad_id, comma_backtrack, added)
     ids = torch.full((len(chunks), CHUNK_LENGTH), pad_id, dtype=torch.long)
     weights = torch.ones((len(chunks), CHUNK_LENGTH), dtype=torch.float32)
     for row, (cids, cws) in enumerate(chunks):
@@ -289,7 +294,7 @@ def tokenize_weighted(prompt: str, pad_id: int, *, comma_backtrack: int = COMMA_
     return ids, weights
 
 
-def needs_weighting(prompt: str, *, tokenizer: CLIPTokenizer | None = None) -> bool:
+def needs_weighting(prompt: str, *, tokenizer: CLIPTokenizer | None = None, added=None) -> bool:
     """True if the prompt has attention syntax or BREAK, or more than 75 tokens.
 
     A prompt for which this is False is encoded identically by the plain path (one 77-token
@@ -300,7 +305,7 @@ def needs_weighting(prompt: str, *, tokenizer: CLIPTokenizer | None = None) -> b
     if [(p.text, p.weight, p.is_break) for p in _parse(prompt)] != [(prompt, 1.0, False)]:
         return True
     tok = tokenizer or default_tokenizer()
-    return len(tok.encode(prompt)) > CHUNK_TOKENS
+    return len(tok.encode(prompt, added=added)) > CHUNK_TOKENS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,12 +337,14 @@ def _encoder_device(enc: CLIPTextModel) -> torch.device:
 
 def encode_prompts_weighted(config: ModelConfig, encoders: Sequence[CLIPTextModel], prompts: Sequence[str], *,
                             comma_backtrack: int = COMMA_BACKTRACK, tokenizer: CLIPTokenizer | None = None,
-                            ) -> tuple[Tensor, Tensor | None]:
+                            embeddings=None) -> tuple[Tensor, Tensor | None]:
     """Prompts -> (context (B, 77 n, C), pooled (B, P) or None), n = the largest chunk count.
 
     Every prompt (and every encoder of a prompt) is padded to n chunks with empty-prompt chunks,
     which encode exactly like the empty prompt "". Context features are the encoders' hidden states
     concatenated in encoder order (as `conditioning.encode_text`); pooled comes from chunk 0.
+    `embeddings`: textual inversions (an adapters.embeddings.EmbeddingTable: its `tokens` and per-encoder
+    `vectors`), or None.
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(
@@ -350,20 +357,23 @@ def encode_prompts_weighted(config: ModelConfig, encoders: Sequence[CLIPTextMode
     if len(encoders) != len(config.text_encoders):
         raise ValueError(f"{config.name} has {len(config.text_encoders)} text encoders; got {len(encoders)}")
     tok = tokenizer or default_tokenizer()
+    added = None if embeddings is None else embeddings.tokens
+    extra = [None] * len(encoders) if embeddings is None else embeddings.vectors
 
     per_encoder: list[list[tuple[Tensor, Tensor]]] = []  # [encoder][prompt] -> (ids, weights)
     for spec in config.text_encoders:
-        per_encoder.append([tokenize_weighted(p, spec.pad_id, comma_backtrack=comma_backtrack, tokenizer=tok)
-                            for p in prompts])
+        per_encoder.append([tokenize_weighted(p, spec.pad_id, comma_backtrack=comma_backtrack, tokenizer=tok,
+                                              added=added) for p in prompts])
     n = max(ids.shape[0] for enc_rows in per_encoder for ids, _ in enc_rows)
 
     b = len(prompts)
     hiddens, pooled = [], None
-    for spec, enc, rows in zip(config.text_encoders, encoders, per_encoder):
+    for spec, enc, rows, vectors in zip(config.text_encoders, encoders, per_encoder, extra):
         empty_ids, empty_w = tokenize_weighted("", spec.pad_id, tokenizer=tok)
         ids = torch.cat([torch.cat([r_ids] + [empty_ids] * (n - r_ids.shape[0])) for r_ids, _ in rows])  # (B n, 77)
         ws = torch.cat([torch.cat([r_w] + [empty_w] * (n - r_w.shape[0])) for _, r_w in rows])
-        out = enc(ids.to(_encoder_device(enc)), layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled)
+        out = enc(ids.to(_encoder_device(enc)), layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled,
+                  extra=vectors)
         z = _apply_weights(out.hidden, ws)  # (B n, 77, C_enc)
         hiddens.append(z.reshape(b, n * CHUNK_LENGTH, z.shape[-1]))
         if spec.pooled:

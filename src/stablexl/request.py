@@ -22,7 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from .names import ETA_SAMPLERS, SCHEDULE_NAMES, parse_schedule, resolve_sampler, unknown_schedule_message
+from .names import (DIFFUSERS_SPACINGS, DISCARD_PENULTIMATE, ETA_SAMPLERS, SCHEDULE_NAMES, parse_schedule,
+                     resolve_sampler, unknown_schedule_message)
 
 Pair = tuple[int, int]
 RefinerMode = Literal["handoff", "sdedit"]
@@ -99,6 +100,53 @@ class ImagePrompt:
     noise_level: int = 0
 
 
+# A1111 modules/shared.py latent_upscale_modes: name -> (F.interpolate mode, antialias); "Latent" is the default
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True), "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True), "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# Pixel upscalers that are plain resamplers (A1111 modules/upscaler.py UpscalerLanczos / UpscalerNearest): the first
+# pass is decoded, resized with PIL and encoded again. Model upscalers (ESRGAN, SwinIR, ...) are not available.
+PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix (reference/adapters.md §6): a first pass at width x height, its latents upscaled (the
+    "Latent" modes) or its image resized (Lanczos, Nearest), then an image-to-image pass at the larger size
+    through the same denoise loop, with fresh noise from the same seeds.
+
+    Target size: (int(width·scale), int(height·scale)), or `resize` (width, height) where a 0 side keeps the
+    aspect ratio; with both sides given the upscaled latent covers the target and is cropped to it centrally
+    (A1111 calculate_target_resolution), both rounded down to the VAE's multiple of 8. Second pass: `steps`
+    (None or 0: the first pass's) run at `strength` the A1111 way, i.e. the last `steps` levels of a schedule of
+    int(steps / min(strength, 0.999)) (sd_samplers_common.py setup_img2img_steps). `sampler`, `schedule`,
+    `prompt`, `negative_prompt`, `cfg`: None is the first pass's."""
+
+    scale: float = 2.0
+    resize: Pair | None = None  # (width, height); None or (0, 0): use scale
+    upscaler: str = "Latent"
+    steps: int | None = None
+    strength: float = 0.7  # A1111's UI default (its API's is 0.75; the A1111 surface passes the client's value)
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    cfg: float | None = None
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA to apply for this request: a name in the LoRA folder (`lora_dir`) or of a LoRA the pipeline has
+    loaded; `strength` is the UNet's, `text_strength` the text encoders' (None: `strength`), as A1111's
+    `<lora:NAME:TE_W:UNET_W>`. Negative strengths subtract the LoRA."""
+
+    name: str
+    strength: float = 1.0
+    text_strength: float | None = None
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One generation. Unset (None) fields take the model's defaults in `resolve`."""
@@ -114,6 +162,10 @@ class GenerationRequest:
     schedule: str | None = None
     sigmas: tuple[float, ...] | None = None  # a custom σ schedule (descending; 0 appended), instead of `schedule`
     eta: float | None = None  # the stochastic samplers' noise amount (DDIM η, ancestral / SDE η); None: each one's own
+    # drop the schedule's next-to-last σ (steps + 1 levels made), as A1111 and ComfyUI do for DPM2 (a) and
+    # DPM++ 3M SDE (names.DISCARD_PENULTIMATE); None: do so for those samplers on the peers' schedules
+    # (karras, exponential, normal, ...), never on diffusers' spacings (leading / trailing / linspace)
+    discard_penultimate: bool | None = None
     batch: int = 1
     iterations: int = 1  # batches run one after another (A1111 n_iter)
     guidance_rescale: float = 0.0
@@ -122,7 +174,12 @@ class GenerationRequest:
     image: ImageInput | None = None
     handoff: Handoff = field(default_factory=Handoff)
     image_prompt: ImagePrompt | None = None
-    vae_tile: int | None = None  # decode in overlapping tiles of this many latents
+    hires: Hires | None = None  # A1111's hires fix: a second, larger image-to-image pass
+    # LoRAs to apply; `<lora:NAME:W>` tags in the prompt are added here by resolve (and removed from the text)
+    loras: tuple[LoraSpec, ...] = ()
+    vae_tile: int | None = None  # decode in overlapping tiles of this many latents (the full decoder only)
+    # the final decode: the model's VAE, or its tiny decoder (TAESD; faster, lossy); None: "full"
+    decoder: Literal["full", "tiny"] | None = None
     output_type: Literal["pil", "latent"] = "pil"
 
     @property
@@ -157,7 +214,7 @@ def _refuse_unknown_fields(cls) -> None:
     cls.__init__ = __init__
 
 
-for _cls in (MicroConditions, ImageInput, Handoff, ImagePrompt, GenerationRequest):
+for _cls in (MicroConditions, ImageInput, Handoff, ImagePrompt, Hires, LoraSpec, GenerationRequest):
     _refuse_unknown_fields(_cls)
 
 
@@ -172,6 +229,7 @@ FLAT = {
     "denoising_start": ("handoff", "denoising_start"), "denoising_end": ("handoff", "denoising_end"),
     "latents": ("handoff", "latents"),
     "image_prompt": ("image_prompt", "image"), "noise_level": ("image_prompt", "noise_level"),
+    **{f"hires_{f.name}": ("hires", f.name) for f in dataclasses.fields(Hires)},
 }
 _RECORDS = {"conditions": MicroConditions, "image": ImageInput, "handoff": Handoff, "image_prompt": ImagePrompt}
 TOP_LEVEL = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name not in _RECORDS)
@@ -200,6 +258,13 @@ def request_from_flat(prompt, negative_prompt=None, **options) -> GenerationRequ
             continue
         if record == "conditions" and values.get("crop", 0) is None:
             values["crop"] = (0, 0)
+        if record == "hires":  # any hires_* option turns the hires fix on (hires=Hires(...) is the whole record)
+            values = {k: v for k, v in values.items() if v is not None}
+            if values and top.get("hires") is not None:
+                raise TypeError("pass either hires=Hires(...) or hires_* options, not both")
+            if values:
+                top["hires"] = Hires(**values)
+            continue
         top[record] = _RECORDS[record](**values)
     return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, **top)
 
@@ -315,9 +380,13 @@ def _steps_times(field_name: str, steps: int, strength: float, flag: str) -> Non
 
 
 def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_config=None,
-            limits: Limits | None = None) -> GenerationRequest:
+            limits: Limits | None = None, lora_folder=None, loaded_loras=(), has_tiny_decoder: bool = False,
+            embeddings=None) -> GenerationRequest:
     """Check `req` against the model (its `ModelConfig`) and fill every default. `refiner_config` is the
-    config of the refiner when `req.handoff.refiner` is set. Returns a new, concrete request; raises
+    config of the refiner when `req.handoff.refiner` is set; LoRA names must be in `lora_folder` (an
+    adapters.tags.LoraFolder) or `loaded_loras` (names the pipeline has loaded); `decoder="tiny"` needs
+    `has_tiny_decoder` (the pipeline holds one); `embedding:NAME` in a prompt must name a file of `embeddings`
+    (an adapters.embeddings.Embeddings) that fits the model. Returns a new, concrete request; raises
     RequestError(field, message) naming the field and the fix."""
     if not isinstance(req, GenerationRequest):
         raise TypeError(f"expected a GenerationRequest, got {type(req).__name__}")
@@ -341,6 +410,9 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     if lim.max_batch is not None and batch * iterations > lim.max_batch:
         raise RequestError("batch", f"at most {lim.max_batch} images per request on this server "
                                     f"(batch {batch} x iterations {iterations})")
+    prompt, negative, loras = _loras(req.loras, prompt, negative, lora_folder, loaded_loras)
+    _check_embeddings(embeddings, prompt, "prompt")
+    _check_embeddings(embeddings, negative, "negative_prompt")
 
     # ---- names --------------------------------------------------------------------------------------
     try:
@@ -364,6 +436,17 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     if eta is not None and sampler == "tcd" and eta > 1:  # TCD's γ mixes two timesteps (Zheng et al. 2024)
         raise RequestError("eta", f"TCD's eta (gamma) must be in [0, 1], got {eta}")
 
+    if req.discard_penultimate is None:
+        discard = sampler in DISCARD_PENULTIMATE and sigmas is None and schedule not in DIFFUSERS_SPACINGS
+    elif not isinstance(req.discard_penultimate, bool):
+        raise RequestError("discard_penultimate", f"discard_penultimate must be true, false or unset, got "
+                                                  f"{req.discard_penultimate!r}")
+    elif req.discard_penultimate and sigmas is not None:
+        raise RequestError("discard_penultimate", "custom sigmas run as given; drop the level from the list or "
+                                                  "leave discard_penultimate unset")
+    else:
+        discard = req.discard_penultimate
+
     # ---- numbers ------------------------------------------------------------------------------------
     if sigmas is not None:
         steps = _number("steps", len(sigmas) - 1, int, lo=1, hi=lim.max_steps)
@@ -380,6 +463,12 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     if req.output_type not in ("pil", "latent"):
         raise RequestError("output_type", f"output_type must be 'pil' or 'latent', got {req.output_type!r}")
     vae_tile = None if req.vae_tile is None else _number("vae_tile", req.vae_tile, int, lo=4)
+    decoder = "full" if req.decoder is None else req.decoder
+    if decoder not in ("full", "tiny"):
+        raise RequestError("decoder", f"decoder must be 'full' or 'tiny', got {decoder!r}")
+    if decoder == "tiny" and not has_tiny_decoder:
+        raise RequestError("decoder", "decoder 'tiny' needs a tiny decoder for this model: load one with "
+                                      "Pipeline.from_pretrained(..., tiny_decoder=PATH) (CLI/server: --tiny-decoder)")
 
     # ---- hand-off -----------------------------------------------------------------------------------
     h = req.handoff if req.handoff is not None else Handoff()
@@ -509,6 +598,10 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
         if top is not None and v > top:
             raise RequestError(fname, f"{fname} must be at most {top} on this server, got {v}")
 
+    hires = None if req.hires is None else _hires(req, config, name, lim, width, height, steps, cfg, sampler,
+                                                  schedule, sigmas is not None, prompt, negative, loras,
+                                                  embeddings, image_in, h, f)
+
     mc = req.conditions if req.conditions is not None else MicroConditions()
     out_size = (height, width)
     original = _pair("conditions.original_size", mc.original_size, 1) or out_size
@@ -525,11 +618,200 @@ def resolve(req: GenerationRequest, config, *, name: str | None = None, refiner_
     )
     return GenerationRequest(
         prompt=prompt, negative_prompt=negative, steps=steps, cfg=cfg, seed=seed, width=width, height=height,
-        sampler=sampler, schedule=schedule, sigmas=sigmas, eta=eta, batch=batch, iterations=iterations,
-        guidance_rescale=guidance_rescale,
+        sampler=sampler, schedule=schedule, sigmas=sigmas, eta=eta, discard_penultimate=discard, batch=batch,
+        iterations=iterations, guidance_rescale=guidance_rescale,
         model=req.model or name or config.name, conditions=conditions, image=image_in, handoff=h,
-        image_prompt=image_prompt, vae_tile=vae_tile, output_type=req.output_type,
+        image_prompt=image_prompt, hires=hires, loras=loras, vae_tile=vae_tile, decoder=decoder,
+        output_type=req.output_type,
     )
+
+
+def _loras(specs, prompt, negative, folder, loaded) -> tuple:
+    """The request's LoRAs plus the prompt's `<lora:...>` tags -> (prompt, negative prompt, LoraSpecs), tags
+    removed from the text. As A1111: tags are read from the first prompt of a batch and the positive prompt
+    only (a tag in the negative prompt is removed and has no effect); a name given twice keeps its last
+    strengths (applying a LoRA twice never doubles it)."""
+    from .adapters.tags import MAX_STRENGTH, TagError, check_name, extract_tags
+
+    try:
+        if isinstance(prompt, str):
+            prompt, tags = extract_tags(prompt)
+        else:
+            pairs = [extract_tags(t) for t in prompt]
+            prompt, tags = tuple(p for p, _ in pairs), pairs[0][1]
+        if isinstance(negative, str):
+            negative = extract_tags(negative)[0]
+        elif negative is not None:
+            negative = tuple(extract_tags(t)[0] for t in negative)
+    except TagError as e:
+        raise RequestError("prompt", str(e)) from None
+    if not isinstance(specs, (tuple, list)):
+        raise RequestError("loras", f"loras must be a list of LoraSpec, got {type(specs).__name__}")
+    wanted = list(specs) + [LoraSpec(t.name, t.unet_strength, t.text_strength) for t in tags]
+    out: dict[str, LoraSpec] = {}
+    for i, s in enumerate(wanted):
+        fname = f"loras.{i}" if i < len(specs) else "prompt"
+        if not isinstance(s, LoraSpec):
+            raise RequestError("loras", f"loras[{i}] must be a LoraSpec(name, strength, text_strength), got "
+                                        f"{type(s).__name__}")
+        try:
+            n = check_name(s.name)
+        except TagError as e:
+            raise RequestError(fname, str(e)) from None
+        unet = _number(f"{fname}.strength" if i < len(specs) else fname, s.strength, lo=-MAX_STRENGTH,
+                       hi=MAX_STRENGTH)
+        te = unet if s.text_strength is None else _number(f"{fname}.text_strength" if i < len(specs) else fname,
+                                                           s.text_strength, lo=-MAX_STRENGTH, hi=MAX_STRENGTH)
+        if n not in loaded:
+            if folder is None:
+                raise RequestError(fname, f"LoRA {n!r} is requested but no LoRA folder is configured: pass "
+                                          "lora_dir= to Pipeline.from_pretrained (CLI/server: --lora-dir), or load "
+                                          "the file with Pipeline.load_lora", not_found=True)
+            try:
+                folder.find(n)
+            except LookupError as e:
+                raise RequestError(fname, str(e), not_found=True) from None
+        out.pop(n, None)
+        out[n] = LoraSpec(n, unet, te)
+    return prompt, negative, tuple(out.values())
+
+
+def upscaler_name(name) -> str:
+    """A hires upscaler as A1111 spells it (any case); RequestError naming the ones we have otherwise."""
+    if name is None:
+        return "Latent"
+    known = {k.lower(): k for k in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)}
+    if isinstance(name, str) and name.strip().lower() in known:
+        return known[name.strip().lower()]
+    raise RequestError("hires.upscaler", f"hires upscaler {name!r} is not available: model upscalers (ESRGAN, "
+                                         "R-ESRGAN, SwinIR, LDSR, ...) are not supported. Choose a latent mode: "
+                                         f"{', '.join(LATENT_UPSCALERS)}; or a plain resampler: "
+                                         f"{', '.join(PIXEL_UPSCALERS)}")
+
+
+def hires_target(width: int, height: int, hires: Hires, f: int = 8) -> tuple[int, int, int, int]:
+    """(upscaled width, height, latent columns, latent rows to crop) for a first pass of width x height: A1111's
+    calculate_target_resolution, sides rounded down to multiples of f. The crop takes t // 2 latents from the
+    start and (t + 1) // 2 from the end of each axis; the final image is (width - f·tx) x (height - f·ty)."""
+    rx, ry = hires.resize or (0, 0)
+    tx = ty = 0
+    if rx == 0 and ry == 0:
+        w, h = int(width * hires.scale), int(height * hires.scale)
+    elif ry == 0:
+        w, h = rx, rx * height // width
+    elif rx == 0:
+        w, h = ry * width // height, ry
+    else:
+        if width / height < rx / ry:
+            w, h = rx, rx * height // width
+        else:
+            w, h = ry * width // height, ry
+        tx, ty = (w - rx) // f, (h - ry) // f
+    return w // f * f, h // f * f, tx, ty
+
+
+def _hires(req, config, name, lim, width, height, steps, cfg, sampler, schedule, custom_sigmas, prompt,
+           negative, loras, embeddings, image_in, h, f) -> Hires:
+    """The hires fix record, checked and with every default filled (see `Hires`)."""
+    hr = req.hires
+    if not isinstance(hr, Hires):
+        raise RequestError("hires", f"hires must be a Hires record, got {type(hr).__name__}")
+    if image_in is not None:
+        raise RequestError("hires", "the hires fix is a text-to-image option (A1111 txt2img); for image-to-image "
+                                    "at a larger size pass the larger width and height")
+    if h.refiner is not None or h.latents is not None or h.denoising_start is not None or h.denoising_end is not None:
+        raise RequestError("hires", "the hires fix cannot be combined with a refiner hand-off or latents; run the "
+                                    "hires result through the refiner as image-to-image instead")
+    if config.unet.in_channels == 9:
+        raise RequestError("hires", "the hires fix needs a text-to-image model, not an inpainting one")
+    upscaler = upscaler_name(hr.upscaler)
+    scale = _number("hires.scale", hr.scale, lo=1.0, hi=8.0)
+    resize = _pair("hires.resize", hr.resize, 0)
+    resize = None if resize is None or resize == (0, 0) else resize
+    hsteps = steps if hr.steps in (None, 0) else _number("hires.steps", hr.steps, int, lo=1, hi=lim.max_steps)
+    strength = _number("hires.strength", hr.strength, lo=0.0, hi=1.0, lo_open=True)
+    hcfg = cfg if hr.cfg is None else _number("hires.cfg", hr.cfg, lo=0.0)
+    if hr.sampler is None:
+        hsampler, implied = sampler, None
+    else:
+        try:
+            hsampler, implied = resolve_sampler(hr.sampler)
+        except ValueError as e:
+            raise RequestError("hires.sampler", str(e), not_found=True) from None
+    if hr.schedule is not None:
+        hschedule = parse_schedule(hr.schedule)
+    elif implied is not None:
+        hschedule = implied
+    else:  # the first pass's, unless that was a custom σ list (whose length is the first pass's step count)
+        hschedule = config.sampling_defaults.schedule if custom_sigmas else schedule
+    if hschedule not in SCHEDULE_NAMES:
+        raise RequestError("hires.schedule", unknown_schedule_message(hschedule))
+    texts = {}
+    for fname, v, first in (("prompt", hr.prompt, prompt), ("negative_prompt", hr.negative_prompt, negative)):
+        if v is None or v == "":
+            texts[fname] = None
+            continue
+        if not isinstance(v, str):
+            raise RequestError(f"hires.{fname}", f"hires.{fname} must be a string")
+        from .adapters.tags import TagError, extract_tags
+
+        try:
+            v, tags = extract_tags(v)
+        except TagError as e:
+            raise RequestError(f"hires.{fname}", str(e)) from None
+        if tags and fname == "prompt" and {t.name for t in tags} != {s.name for s in loras}:
+            raise RequestError("hires.prompt", "the hires prompt's <lora:...> tags must be the first pass's: the "
+                                               "LoRAs stay merged for both passes")
+        _check_embeddings(embeddings, v, f"hires.{fname}")
+        texts[fname] = v
+    out = Hires(scale=scale, resize=resize, upscaler=upscaler, steps=hsteps, strength=strength, sampler=hsampler,
+                schedule=hschedule, prompt=texts["prompt"], negative_prompt=texts["negative_prompt"], cfg=hcfg)
+    w, hh, tx, ty = hires_target(width, height, out, f)
+    fw, fh = w - f * tx, hh - f * ty
+    field_name = "hires.resize" if resize else "hires.scale"
+    if fw < f or fh < f:
+        raise RequestError(field_name, f"the hires size {fw}x{fh} is below {f} px")
+    for side, v, top in (("width", fw, lim.max_width), ("height", fh, lim.max_height)):
+        if top is not None and v > top:
+            raise RequestError(field_name, f"the hires {side} {v} is above this server's limit of {top}; lower the "
+                                           "hires scale")
+    return out
+
+
+def hires_steps(hires: Hires) -> tuple[int, float]:
+    """(schedule length, strength) of the second pass in our image-to-image terms: A1111 runs `hires.steps`
+    steps starting at level total − steps of a schedule of total = int(steps / min(strength, 0.999)) levels
+    (sd_samplers_common.py setup_img2img_steps with steps given); our strength s runs int(total·s) of them, so
+    s = (steps + ½) / total selects exactly `steps` whatever the float rounding."""
+    total = int(hires.steps / min(hires.strength, 0.999))
+    return total, min(1.0, (hires.steps + 0.5) / total)
+
+
+def _check_embeddings(embeddings, texts, field_name: str) -> None:
+    """Textual-inversion names in the text: `embedding:NAME` must name a usable file, and no word may name a
+    file made for another model (adapters/embeddings.py). Without an embeddings folder `embedding:NAME` is
+    refused too, so that it is never drawn as text."""
+    if texts is None:
+        return
+    texts = (texts,) if isinstance(texts, str) else tuple(texts)
+    if embeddings is None:
+        from .adapters.embeddings import EMBEDDING_WORD
+
+        for t in texts:
+            m = EMBEDDING_WORD.search(t)
+            if m is not None:
+                raise RequestError(field_name, f"{m.group(0)!r} names a textual-inversion embedding, but no embeddings "
+                                               "folder is configured: pass embeddings_dir= to Pipeline.from_pretrained "
+                                               "(CLI/server: --embeddings-dir)", not_found=True)
+        return
+    from .adapters.embeddings import EmbeddingError
+
+    try:
+        embeddings.check(texts)
+    except EmbeddingError as e:
+        raise RequestError(field_name, str(e)) from None
+    except LookupError as e:
+        raise RequestError(field_name, str(e), not_found=True) from None
 
 
 def _sigmas(values) -> tuple[float, ...]:
@@ -564,4 +846,6 @@ def steps_run(req: GenerationRequest) -> int:
         n = max(1, int(req.steps * req.image.strength))
     if req.handoff.refiner is not None and req.handoff.mode == "sdedit":
         n += max(1, int(req.steps * req.handoff.refiner_strength))
+    if req.hires is not None:
+        n += req.hires.steps
     return n

@@ -120,7 +120,7 @@ def test_sampler_matches_diffusers_scheduler(ours, ref, case):
                height=64, width=64, generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
                output_type="latent", **ref_kw).images
     got = ours("a red apple", "blurry", steps=steps, cfg=5.0, seed=7, batch=2, width=64, height=64, sampler=sampler,
-               schedule=schedule, eta=eta)
+               schedule=schedule, eta=eta, discard_penultimate=False)  # diffusers keeps every level
     err = R.rel_err(got.latents, want)
     print(f"{case} ({sampler}, {schedule}, {steps} steps): latent rel err {err:.2e}")
     assert err <= 1e-4
@@ -135,7 +135,7 @@ def test_dpmpp_3m_sde_differs_from_unpatched_diffusers(ours, ref):
     want = ref("a red apple", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=5.0, height=64,
                width=64, generator=[torch.Generator().manual_seed(7)], output_type="latent").images
     got = ours("a red apple", "blurry", steps=steps, cfg=5.0, seed=7, width=64, height=64, sampler=sampler,
-               schedule=schedule)
+               schedule=schedule, discard_penultimate=False)
     err = R.rel_err(got.latents, want)
     print(f"dpmpp_3m_sde vs unpatched diffusers: latent rel err {err:.2e}")
     assert err > 1e-2
@@ -195,3 +195,28 @@ def test_restart_under_20_steps_is_heun(ours):
     kw = dict(steps=6, cfg=5.0, seed=3, width=64, height=64, schedule="karras")
     assert R.rel_err(pipe("a red apple", sampler="restart", **kw).latents,
                      pipe("a red apple", sampler="heun", **kw).latents) == 0
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_ancestral", "dpmpp_3m_sde"])
+def test_discard_penultimate_is_the_peers_schedule(ours, sampler, monkeypatch):
+    """A1111 and ComfyUI run DPM2 (a) and (A1111) DPM++ 3M SDE on n + 1 Karras levels with the next-to-last
+    dropped: by default on the peers' schedules, never on diffusers' spacings."""
+    import stablexl.pipeline as P
+    from stablexl.diffusion.schedule import make_sigmas
+
+    seen, run = [], P.denoise
+
+    def recording(model, x, sigmas, *a, **k):
+        seen.append(sigmas)
+        return run(model, x, sigmas, *a, **k)
+
+    monkeypatch.setattr(P, "denoise", recording)
+    kw = dict(steps=5, cfg=5.0, seed=3, width=64, height=64, sampler=sampler)
+    full = make_sigmas(ours.schedule, 6, "karras")
+    default = ours("a red apple", "blurry", schedule="karras", **kw)
+    assert default.request.discard_penultimate is True
+    assert torch.equal(seen[-1], torch.cat([full[:-2], full[-1:]]))  # 5 steps: 6 levels, the 6th of 7 dropped
+    kept = ours("a red apple", "blurry", schedule="karras", discard_penultimate=False, **kw)
+    assert torch.equal(seen[-1], make_sigmas(ours.schedule, 5, "karras"))
+    assert R.rel_err(default.latents, kept.latents) > 1e-3
+    assert ours("a red apple", schedule="leading", **kw).request.discard_penultimate is False  # diffusers' spacing

@@ -70,7 +70,7 @@ def test_sampler_names_old_and_new_and_errors():
         assert r.status_code == 404 and "nearest: Euler a" in r.json()["detail"]
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "Karas"})
         assert r.status_code == 422 and r.json()["field"] == "scheduler" and "nearest: Karras" in r.json()["detail"]
-        for field, value in (("enable_hr", True), ("restore_faces", True), ("tiling", True),
+        for field, value in (("restore_faces", True), ("tiling", True),
                              ("subseed_strength", 0.5), ("script_name", "x/y/z plot"),
                              ("alwayson_scripts", {"ControlNet": {"args": []}})):
             r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, field: value})

@@ -1,15 +1,24 @@
 """Fuzzing: Hypothesis builds requests from our own OpenAPI schema (plus wrong types, unknown fields, broken
 JSON and hostile images) and fires them at every operation; no answer may be a 5xx, and every 4xx is a
 JSON error. Runs on the real tiny-sdxl pipeline with tight limits, so requests that pass all checks
-really generate (one or two steps at <= 64 px) and stay fast."""
+really generate (one or two steps at <= 64 px) and stay fast.
+
+LoRAs: the server has a --lora-dir (a real LoRA, a broken file, a pickle, a symlink out of the folder) and a
+decoy LoRA outside it; the `loras` field and `<lora:...>` prompt tags get hostile names (`..`, absolute
+paths, separators), huge / negative / NaN weights and malformed tags. Every file opened while the requests
+run is recorded (an audit hook on "open", plus safetensors' own opener, which bypasses Python's `open`):
+none may lie outside the LoRA folder. `STABLEXL_FUZZ_EXAMPLES` raises the request count (e.g. 5000)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -20,7 +29,7 @@ from PIL import Image
 
 from .conftest import client
 
-N_EXAMPLES = 560  # one request each; the test checks at least 500 were sent
+N_EXAMPLES = int(os.environ.get("STABLEXL_FUZZ_EXAMPLES", 560))  # one request each; at least 500 must be sent
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,8 +65,33 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats
                  st.text(max_size=30), st.lists(st.integers(), max_size=3),
                  st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 
+OUTSIDE: dict[str, str] = {}  # the decoy LoRA's absolute path (outside the folder), set by the test
+LORA_NAMES = st.sampled_from(
+    ["good"] * 6 + ["deep", "bad", "pickled", "escape", "secret", "../outside/secret", "..", ".", "", " good ",
+                    "good.safetensors", "sub/deep", "sub\\deep", "GOOD", "goo", "nul\x00l", "C:secret", "~/secret",
+                    "/etc/passwd", "ABS"]
+).map(lambda n: OUTSIDE.get("path", n) if n == "ABS" else n) | st.text(max_size=12)
+WEIGHTS = st.one_of(st.floats(), st.sampled_from([0, 1, -1, 0.5, 100, -100, 100.5, 1e308, -1e308, 5e-324]),
+                    st.integers(-2**70, 2**70), st.text(max_size=5), st.none())
+TAG_WEIGHTS = st.sampled_from(["0.8", "-1", "0", "100", "-100", "1e400", "nan", "inf", "-inf", "abc", "", " ", "1,5",
+                               "te=0.5", "unet=-2", "dyn=4", "te=nan", "1e308"]) | st.floats().map(repr)
+TAG = st.builds(lambda kind, name, args, close: f"<{kind}:{name}{''.join(':' + a for a in args)}{'>' if close else ''}",
+                st.sampled_from(["lora"] * 4 + ["lyco", "LORA", "hypernet"]), LORA_NAMES,
+                st.lists(TAG_WEIGHTS, max_size=4), st.booleans())
+TAGGED = st.lists(st.one_of(
+    st.text(max_size=10), TAG, st.sampled_from(["<lora:good:0.5>", "<lora:good:1:-1>", "<lora:>", "<lora::>",
+                                                "<<lora:good>>", "<lora:good:0.5", "<lora:../outside/secret:1>"])),
+    min_size=1, max_size=4).map(" ".join)
+PROMPT = st.sampled_from([False] * 3 + [True]).flatmap(lambda tagged: TAGGED if tagged else st.text(max_size=40))
+# what a generating request gets injected a third of the time: well-formed LoRAs of the folder, or any of the above
+LORA_FIELD = st.sampled_from([[{"name": "good", "strength": 0.7}], [{"name": "deep", "strength": -1, "text_strength": 0.3}],
+                              [{"name": "good"}, {"name": "deep", "strength": 2}]])
+LORA_PROMPT = st.sampled_from(["a cat <lora:good:0.5>", "<lora:deep:1:-1> a dog", "<lora:good>", "<lyco:deep:0.3>"])
+LORAS = st.lists(st.fixed_dictionaries({"name": LORA_NAMES}, optional={"strength": WEIGHTS, "text_strength": WEIGHTS})
+                 | JUNK, max_size=3) | JUNK
+
 # values that pass the server's limits, so a share of the requests really runs the pipeline
-SMALL = {"steps": st.integers(1, 2), "width": st.sampled_from([32, 64, 60, 0, 200]),
+SMALL = {"prompt": PROMPT, "negative_prompt": PROMPT, "hr_prompt": PROMPT, "loras": LORAS,"steps": st.integers(1, 2), "width": st.sampled_from([32, 64, 60, 0, 200]),
          "height": st.sampled_from([32, 64, 56, 72]), "batch": st.integers(1, 2), "batch_size": st.integers(1, 2),
          "n_iter": st.integers(1, 2), "model": st.sampled_from(["tiny-sdxl", "sd_xl_base_1.0"]),
          "sampler": st.sampled_from(["euler", "Euler a", "DPM++ 2M Karras", "nope"]),
@@ -169,10 +203,64 @@ def _operations(spec: dict) -> list[dict]:
     return ops
 
 
-def test_fuzz_every_operation_no_5xx():
+_OPENED: list[str] | None = None  # paths opened while recording (the audit hook below cannot be removed)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event in ("open", "os.scandir", "os.listdir") and args and \
+            isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+def lora_folder(root: Path) -> Path:
+    """LoRA folder: a real LoRA for tiny-sdxl (also one level down), a broken file, a pickle and a symlink to
+    the decoy outside."""
+    from stablexl.adapters.lora import save_lora, weight_modules
+
+    from .conftest import tiny_loader
+
+    parts = tiny_loader("tiny-sdxl").parts
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for path, m in weight_modules(parts.unet).items():
+        if path.endswith(("attn1.to_q", "attn2.to_v")):
+            w = m.weight
+            layers[f"unet.{path}"] = (torch.randn(2, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], 2, generator=g) * 0.1, None)
+    folder, outside = root / "loras", root / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    save_lora(folder / "good.safetensors", parts, layers)
+    save_lora(folder / "sub" / "deep.safetensors", parts, layers)
+    save_lora(outside / "secret.safetensors", parts, layers)
+    (folder / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    torch.save({"a": torch.zeros(1)}, folder / "pickled.pt")
+    (folder / "escape.safetensors").symlink_to(outside / "secret.safetensors")
+    OUTSIDE["path"] = str(outside / "secret")
+    return folder
+
+
+def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
+    global _OPENED
     statuses: Counter = Counter()
     per_op: Counter = Counter()
-    with client(max_width=64, max_height=64, max_steps=2, max_batch=2, queue_size=3) as c:
+    folder = lora_folder(tmp_path)
+    torch.set_flush_denormal(False)  # building the pipeline for the LoRA file set it again (see the fixture above)
+    import stablexl.io.checkpoint as checkpoint
+
+    real_safe_open = checkpoint.safe_open
+
+    def recording_safe_open(path, *a, **kw):  # safetensors opens files in Rust, unseen by the audit hook
+        if _OPENED is not None:
+            _OPENED.append(os.fsdecode(path))
+        return real_safe_open(path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "safe_open", recording_safe_open)
+    if not getattr(sys, "_stablexl_fuzz_audit", False):
+        sys.addaudithook(_audit)
+        sys._stablexl_fuzz_audit = True
+    with_loras = Counter()
+    _OPENED = []
+    with client(max_width=64, max_height=64, max_steps=2, max_batch=2, queue_size=3, lora_dir=str(folder)) as c:
         spec = c.get("/openapi.json").json()
         components = spec["components"]["schemas"]
         ops = _operations(spec)
@@ -207,6 +295,12 @@ def test_fuzz_every_operation_no_5xx():
                     strategy = (sparse_body(op["body"], components) if how == "sparse" else
                                 from_schema(op["body"], components, junk=how == "schema"))
                     body = data.draw(strategy, label="body")
+                    if op["path"] in GENERATING and isinstance(body, dict) and data.draw(st.sampled_from([0, 0, 1]),
+                                                                                         label="inject a LoRA"):
+                        if op["path"] == "/v1/generate" and data.draw(st.booleans(), label="as the loras field"):
+                            body["loras"] = data.draw(LORA_FIELD | LORAS, label="loras")
+                        else:
+                            body["prompt"] = data.draw(LORA_PROMPT | TAGGED, label="prompt with tags")
                     if isinstance(body, dict) and data.draw(st.booleans(), label="unknown field"):
                         body["unknown_" + data.draw(st.text(max_size=5))] = data.draw(JUNK)
                     kwargs["content"] = json.dumps(body)
@@ -216,6 +310,9 @@ def test_fuzz_every_operation_no_5xx():
                     kwargs["content"] = data.draw(st.binary(max_size=40), label="raw body")
                 kwargs["headers"] = {"content-type": "application/json"}
             r = c.request(op["method"], path, **kwargs)
+            content = kwargs.get("content", "")
+            if isinstance(content, str) and ("<lora:" in content or '"loras": [{' in content):
+                with_loras[r.status_code] += 1
             statuses[r.status_code] += 1
             per_op[(op["method"], op["path"], r.status_code)] += 1
             assert r.status_code < 500, (op["method"], path, kwargs.get("content", "")[:300], r.text[:500])
@@ -224,8 +321,22 @@ def test_fuzz_every_operation_no_5xx():
             elif op["path"] == "/v1/generate" and r.status_code == 202:
                 known_ids.append(r.json()["id"])
 
-        one_request()
+        try:
+            one_request()
+        finally:
+            opened, _OPENED = _OPENED, None
     print("fuzz statuses:", dict(statuses), "per operation:", dict(per_op))
+    real = folder.resolve()
+    # every weight file opened anywhere, and everything opened under this test's folder (the decoy's included)
+    root = tmp_path.resolve()
+    lora_files = [p for p in opened if p.endswith((".safetensors", ".pt", ".ckpt", ".pth", ".bin"))
+                  or Path(p).resolve().is_relative_to(root)]
+    outside = [p for p in lora_files if not Path(p).resolve().is_relative_to(real)]
+    print(f"LoRA requests by status: {dict(with_loras)}; LoRA-folder files opened: {len(lora_files)} "
+          f"({len(set(lora_files))} distinct), outside the folder: {len(outside)}")
+    assert not outside, sorted(set(outside))[:10]
+    assert any(p.endswith("good.safetensors") for p in lora_files), "a LoRA was really read"
+    assert sum(n for code, n in with_loras.items() if code in (200, 202)) >= 1, with_loras
     assert sum(statuses.values()) >= 500, statuses
     assert {(m, p) for m, p, _ in per_op} == {(o["method"], o["path"]) for o in ops}, "every operation was exercised"
     generated = sum(n for (m, p, code), n in per_op.items() if code in (200, 202) and p in GENERATING)

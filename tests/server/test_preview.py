@@ -64,3 +64,28 @@ def test_preview_modes_on_tiny_model(mode):
         assert np.abs(px - ref.permute(1, 2, 0).numpy()).max() <= 1
     with pytest.raises(ValueError, match="preview mode"):
         Previewer(pipe, "taesd")
+
+
+def _tiny_pipe():
+    """A tiny-sdxl pipeline plus a random tiny decoder (the session's shared pipeline is left alone)."""
+    from stablexl.config import TAESDXL
+    from stablexl.models.taesd import AutoencoderTiny
+    from stablexl.pipeline import Pipeline
+
+    base = tiny_loader("tiny-sdxl")
+    torch.manual_seed(0)
+    return Pipeline(base.parts, name="tiny-sdxl", tiny_decoder=AutoencoderTiny(TAESDXL, encoder=False).eval())
+
+
+def test_tiny_preview_is_the_tiny_decode_and_the_default():
+    from stablexl.models.taesd import decode_tiny
+
+    pipe = _tiny_pipe()
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    auto = Previewer(pipe)
+    assert auto.mode == "tiny"
+    ref = ((decode_tiny(pipe.tiny_decoder, x0).images[0].clamp(-1, 1) + 1) * 127.5).round()
+    assert np.abs(_png_pixels(auto(x0, 64, 64, last=True)) - ref.permute(1, 2, 0).numpy()).max() <= 1
+    assert Previewer(tiny_loader("tiny-sdxl")).mode == "approx"  # no tiny decoder: the fitted map
+    with pytest.raises(ValueError, match="needs a tiny decoder"):
+        Previewer(tiny_loader("tiny-sdxl"), "tiny")

@@ -92,3 +92,16 @@ def test_cli_server_needs_the_key_but_serves_the_page(cli_server):
     with pytest.raises(RuntimeError) as e:
         webuiapi.WebUIApi(host="127.0.0.1", port=port).txt2img(prompt="x", width=64, height=64, steps=1)
     assert e.value.args[0] == 401
+
+
+def test_webuiapi_hires_fix(cli_server):
+    """webuiapi's txt2img(enable_hr=True, ...) gets the larger image; a model upscaler is refused with 422."""
+    port, _proc, _log = cli_server
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, username="me", password=KEY, sampler="Euler", steps=2)
+    r = api.txt2img(prompt="a small house", seed=4, width=64, height=48, enable_hr=True, hr_scale=2,
+                    hr_upscaler=webuiapi.HiResUpscaler.Latent, hr_second_pass_steps=2, denoising_strength=0.6)
+    assert r.image.size == (128, 96)
+    assert "Hires upscale: 2" in r.image.info["parameters"] and r.info["denoising_strength"] == 0.6
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt="x", width=64, height=64, enable_hr=True, hr_upscaler=webuiapi.HiResUpscaler.ESRGAN_4x)
+    assert e.value.args[0] == 422 and "Latent (nearest-exact)" in e.value.args[1]

@@ -101,13 +101,14 @@ def _open(path: Path) -> Image.Image:
 
 
 def generate(pipe, prompts: Sequence[str], *, seed: int, steps: int, cfg: float, sampler: str, schedule: str,
-             batch: int, log: Callable[[str], None]) -> tuple[list[Image.Image], list[str]]:
+             batch: int, log: Callable[[str], None], decoder: str = "full") -> tuple[list[Image.Image], list[str]]:
     """One image per prompt in batches; image i uses seed + i, so the batch size does not change the noise.
     -> images and their infotexts."""
     images, infos, t0 = [], [], time.perf_counter()
     for start in range(0, len(prompts), batch):
         res = pipe(list(prompts[start:start + batch]), steps=steps, cfg=cfg, seed=seed + start, width=ART_SIZE,
-                   height=ART_SIZE, sampler=sampler, schedule=schedule)
+                   height=ART_SIZE, sampler=sampler, schedule=schedule,
+                   **({} if decoder == "full" else {"decoder": decoder}))  # a Pipeline-like object may lack it
         images += res.images
         infos += [res.infotext(k) for k in range(len(res.images))]
         log(f"generate: {len(images)}/{len(prompts)} images ({time.perf_counter() - t0:.0f}s)")
@@ -134,14 +135,17 @@ def evaluate(model, data_dir: str | Path, clip_path: str | Path, *, style: str =
              seed: int = 0, steps: int = 30, cfg: float = 5.0, sampler: str = "dpmpp_2m", schedule: str = "karras",
              batch: int = 25, output: str | Path | None = None, inception_path: str | Path | None = None,
              score_clip_path: str | Path | None = None, log: Callable[[str], None] | None = None,
-             device: str = "auto", dtype: str = "auto") -> dict:
+             device: str = "auto", dtype: str = "auto", decoder: str = "full", tiny_decoder: str | None = None,
+             quantize: str | None = None, quantize_text: bool = False) -> dict:
     """Generate one image per drawn emoji name and score it (see the module docstring).
 
     `model`: anything `Pipeline.from_pretrained` reads (loaded on `device` in `dtype`), or a Pipeline (or an
     object called like one);
     `clip_path`: the clip.safetensors of `stablexl train clip`; `score_clip_path`: an optional second CLIP
     (component or local transformers folder) for CLIP score and retrieval; `inception_path`: the TorchScript
-    FID Inception, for true FID. With `output`, writes the images, contact_sheet.png and results.json there.
+    FID Inception, for true FID. `decoder` "tiny" decodes with the pipeline's tiny decoder (`tiny_decoder`: which
+    one to load, default the model's own): the same seeds and latents as "full", so the two runs pair up.
+    With `output`, writes the images, contact_sheet.png and results.json there.
     Returns the content of results.json."""
     from ..pipeline import Pipeline
 
@@ -165,10 +169,11 @@ def evaluate(model, data_dir: str | Path, clip_path: str | Path, *, style: str =
     ref_names = sorted(ref.images)
     ref_imgs = [_open(ref.images[n]) for n in ref_names]
     by_name = isinstance(model, (str, os.PathLike))
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype) if by_name else model
+    pipe = (Pipeline.from_pretrained(model, device=device, dtype=dtype, tiny_decoder=tiny_decoder, quantize=quantize,
+                                     quantize_text=quantize_text) if by_name else model)
 
     generated, infos = generate(pipe, prompts, seed=seed, steps=steps, cfg=cfg, sampler=sampler, schedule=schedule,
-                                batch=batch, log=log)
+                                batch=batch, log=log, decoder=decoder)
     t_gen = time.perf_counter() - t_start
     log("scoring")
     ref_pos = {n: i for i, n in enumerate(ref_names)}
@@ -212,7 +217,8 @@ def evaluate(model, data_dir: str | Path, clip_path: str | Path, *, style: str =
                      "score_clip": str(score_clip_path) if score_clip_path else None,
                      "inception": str(inception_path) if inception_path else None, "style": style,
                      "prompts": n_prompts, "seed": seed, "steps": steps, "cfg": cfg, "sampler": sampler,
-                     "schedule": schedule, "batch": batch, "size": ART_SIZE},
+                     "schedule": schedule, "batch": batch, "size": ART_SIZE, "decoder": decoder,
+                     "quantized": dict(getattr(getattr(pipe, "parts", None), "quantized", {}) or {})},
         "dataset": {"candidates": len(ref.names), "reference_images": len(ref_imgs),
                     "chance_top1": 1 / len(ref.names), "chance_top5": min(5, len(ref.names)) / len(ref.names)},
         "generated": gen_m,

@@ -268,11 +268,20 @@ def check_plans(source: TensorSource, plans: Iterable[Plan], *, allow_ignorable:
 
 def load_plans(source: TensorSource, plans: Iterable[Plan], dtype: torch.dtype | None, device: str | torch.device = "cpu") -> None:
     """Fill meta-device modules from the source, one tensor at a time (call `check_plans` first)."""
+    from ..quant import stored_dtype_keys
+
     for plan in plans:
         sd: dict[str, Tensor] = {}
+        stored = stored_dtype_keys(plan.module)  # int8 weights and their fp32 scales, loaded as they are
+        expected = {k: v.dtype for k, v in plan.module.state_dict().items()} if stored else {}
         for rule in plan.rules:
             t = source.get(plan.prefix + rule.theirs)
             for k, v in to_ours(rule, t).items():
+                if k in stored:
+                    if v.dtype != expected[k]:
+                        raise CheckpointError(f"{plan.prefix}{rule.theirs}: expected {expected[k]}, got {v.dtype}")
+                    sd[k] = v.to(device=device)  # file-backed where the source maps it (memory.release)
+                    continue
                 if not torch.is_floating_point(v):
                     raise CheckpointError(f"{plan.prefix}{rule.theirs}: expected floating-point weights, got {v.dtype}")
                 v = v.to(device=device, dtype=dtype or v.dtype)

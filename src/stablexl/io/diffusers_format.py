@@ -70,17 +70,44 @@ def unet_from_diffusers(d: dict[str, Any], where: str = "unet/config.json") -> U
     want_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)]
     if up and up != want_up:
         raise _err(where, f"up_block_types {up} must mirror down_block_types ({want_up})")
+    # diffusers' get_mid_block: CrossAttn = ResBlock + transformer + ResBlock, UNetMidBlock2D = one ResBlock
+    # (num_layers=0, add_attention=False), null = none
+    mids = {"UNetMidBlock2DCrossAttn": "attention", "UNetMidBlock2D": "resnet", None: "none"}
     mid_type = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid_type not in (None, "UNetMidBlock2DCrossAttn"):
-        raise _err(where, f"mid_block_type {mid_type!r} is not supported")
+    if mid_type not in mids:
+        raise _err(where, f"mid_block_type {mid_type!r} is not supported ({', '.join(map(str, mids))})")
+    lpb = d.get("layers_per_block", 2)
+    if not isinstance(lpb, int):
+        raise _err(where, "per-block layers_per_block is not supported")
+    # transformer_layers_per_block: an int, one per down block, or one list per down block (a depth per ResBlock);
+    # the up path reads reverse_transformer_layers_per_block, else the down values reversed; the mid block the
+    # last down entry (UNet2DConditionModel.__init__ and its blocks, which read the first `num_layers` entries)
     tl = d.get("transformer_layers_per_block", 1)
     tl = [tl] * n if isinstance(tl, int) else list(tl)
     rtl = d.get("reverse_transformer_layers_per_block")
-    if rtl is not None and list(rtl) != list(reversed(tl)):
-        raise _err(where, "reverse_transformer_layers_per_block different from the down path is not supported")
+    if rtl is None and any(isinstance(t, list) for t in tl):
+        raise _err(where, "per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block "
+                          "(diffusers refuses it too)")
+    rtl = list(reversed(tl)) if rtl is None else list(rtl)
+    if len(tl) != n or len(rtl) != n:
+        raise _err(where, f"transformer_layers_per_block / reverse_transformer_layers_per_block need {n} entries")
+
+    def layers(v, count: int, what: str) -> tuple[int, ...]:
+        v = [v] * count if isinstance(v, int) else list(v)
+        if len(v) < count or not all(isinstance(x, int) and x >= 1 for x in v[:count]):
+            raise _err(where, f"{what} {v}: needs {count} transformer depths of at least 1")
+        return tuple(v[:count])
+
+    down_d = [layers(tl[i], lpb, f"transformer_layers_per_block[{i}]") if attn[i] else (0,) * lpb for i in range(n)]
+    up_d = [layers(rtl[n - 1 - i], lpb + 1, f"reverse_transformer_layers_per_block[{n - 1 - i}]") if attn[i]
+            else (0,) * (lpb + 1) for i in range(n)]
+    mid_block = mids[mid_type]
+    mid_depth = layers(tl[-1], 1, "transformer_layers_per_block[-1] (the mid block)")[0] if mid_block == "attention" else 0
+    depth = tuple(ds[0] for ds in down_d)
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
     heads = [heads] * n if isinstance(heads, int) else list(heads)
-    levels = [i for i in range(n) if attn[i]] + [n - 1]  # attention levels and the mid block (uses the last entry)
+    # attention levels and the mid block (uses the last entry)
+    levels = [i for i in range(n) if attn[i]] + ([n - 1] if mid_block == "attention" else [])
     num_heads = head_dim = None
     if len(set(heads)) == 1:  # one head count everywhere (SD 1.x writes an int)
         num_heads = heads[0]
@@ -93,9 +120,11 @@ def unet_from_diffusers(d: dict[str, Any], where: str = "unet/config.json") -> U
         raise _err(where, "per-block cross_attention_dim is not supported")
     vector_dim = 0
     add_type, class_type = d.get("addition_embed_type"), d.get("class_embed_type")
+    micro_dim = 256
     if add_type == "text_time":
-        if d.get("addition_time_embed_dim") != 256:
-            raise _err(where, "addition_time_embed_dim must be 256 (SDXL micro-conditioning)")
+        micro_dim = d.get("addition_time_embed_dim")
+        if not isinstance(micro_dim, int) or micro_dim < 2 or micro_dim % 2:
+            raise _err(where, f"addition_time_embed_dim {micro_dim!r}: SDXL micro-conditioning needs an even width")
         vector_dim = d["projection_class_embeddings_input_dim"]
     elif add_type is not None:
         raise _err(where, f"addition_embed_type {add_type!r} is not supported")
@@ -103,37 +132,47 @@ def unet_from_diffusers(d: dict[str, Any], where: str = "unet/config.json") -> U
         vector_dim = d["projection_class_embeddings_input_dim"]
     elif class_type is not None:
         raise _err(where, f"class_embed_type {class_type!r} is not supported")
-    lpb = d.get("layers_per_block", 2)
-    if not isinstance(lpb, int):
-        raise _err(where, "per-block layers_per_block is not supported")
     return UNetConfig(
         in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4), model_channels=mc,
         channel_mult=tuple(b // mc for b in bc), num_res_blocks=lpb,
-        transformer_depth=tuple(tl[i] if attn[i] else 0 for i in range(n)), mid_transformer_depth=tl[-1],
+        transformer_depth=depth, mid_transformer_depth=mid_depth,
         num_heads=num_heads, head_dim=head_dim, context_dim=ctx, linear_proj=bool(d.get("use_linear_projection", False)),
         vector_dim=vector_dim, upcast_attention=bool(d.get("upcast_attention", False)),
         norm_groups=d.get("norm_num_groups", 32),
+        down_layer_depths=tuple(down_d), up_layer_depths=tuple(up_d),  # None when uniform (UNetConfig)
+        mid_block=mid_block, micro_dim=micro_dim,
     )
 
 
 def unet_to_diffusers(cfg: UNetConfig, family: str, sample_size: int) -> dict[str, Any]:
     n = len(cfg.channel_mult)
     bc = [cfg.model_channels * m for m in cfg.channel_mult]
-    if cfg.transformer_depth[-1] and cfg.transformer_depth[-1] != cfg.mid_transformer_depth:
+    mid_attn = cfg.mid_block == "attention"
+    if mid_attn and cfg.transformer_depth[-1] and cfg.transformer_depth[-1] != cfg.mid_transformer_depth:
         raise ValueError("diffusers ties the mid-block depth to the last level's depth; this UNet cannot be written as a diffusers folder")
+    fill = cfg.mid_transformer_depth if mid_attn else 1  # the value of levels without attention (the mid block reads the last)
+    if cfg.down_layer_depths is None and cfg.up_layer_depths is None:
+        tl: list = [t or fill for t in cfg.transformer_depth]
+        rtl = None
+    else:  # per-layer lists: every level written out, as SSD-1B's config does
+        tl = [list(cfg.down_depths(i)) if cfg.transformer_depth[i] else [fill] * cfg.num_res_blocks for i in range(n)]
+        rtl = [list(cfg.up_depths(i)) if cfg.transformer_depth[i] else [1] * (cfg.num_res_blocks + 1)
+               for i in reversed(range(n))]
     d: dict[str, Any] = {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         "block_out_channels": bc, "layers_per_block": cfg.num_res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if t else "DownBlock2D" for t in cfg.transformer_depth],
         "up_block_types": ["CrossAttnUpBlock2D" if t else "UpBlock2D" for t in reversed(cfg.transformer_depth)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "transformer_layers_per_block": [t or cfg.mid_transformer_depth for t in cfg.transformer_depth],
+        "mid_block_type": {"attention": "UNetMidBlock2DCrossAttn", "resnet": "UNetMidBlock2D", "none": None}[cfg.mid_block],
+        "transformer_layers_per_block": tl,
         "attention_head_dim": [cfg.heads_for(w)[0] for w in bc], "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.linear_proj, "upcast_attention": cfg.upcast_attention,
         "norm_num_groups": cfg.norm_groups, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
         "norm_eps": 1e-5,
     }
+    if rtl is not None:
+        d["reverse_transformer_layers_per_block"] = rtl
     if n and cfg.num_heads is not None:
         d["attention_head_dim"] = cfg.num_heads
     if cfg.vector_dim:
@@ -142,7 +181,7 @@ def unet_to_diffusers(cfg: UNetConfig, family: str, sample_size: int) -> dict[st
             d["class_embed_type"] = "projection"
         else:
             d["addition_embed_type"] = "text_time"
-            d["addition_time_embed_dim"] = 256
+            d["addition_time_embed_dim"] = cfg.micro_dim
     return d
 
 
@@ -301,6 +340,11 @@ def model_config_from_folder(root: Path, name: str) -> tuple[ModelConfig, dict[s
         specs.append(TextEncoderSpec(te2, layer=te2.layers - 1, final_norm=False,
                                      pad_id=pad_id_from_tokenizer(root / "tokenizer_2", 0), pooled=True))
         family = "sdxl-base" if len(specs) == 2 else "sdxl-refiner"
+        k = 6 if family == "sdxl-base" else 5  # micro-conditions after the pooled text (conditioning.py)
+        if unet.vector_dim != te2.projection_dim + k * unet.micro_dim:
+            raise _err(root / "unet" / "config.json",
+                       f"projection_class_embeddings_input_dim {unet.vector_dim} is not the pooled text width "
+                       f"{te2.projection_dim} + {k} × addition_time_embed_dim {unet.micro_dim}")
     elif cls in _SD_PIPELINES or cls in _UNCLIP_PIPELINES:
         te = text("text_encoder")
         family = "sd1" if te.width == 768 else "sd2"

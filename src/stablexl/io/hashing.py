@@ -91,3 +91,22 @@ def _write(store: Path, data: dict) -> None:
         os.replace(tmp, store)
     except OSError:
         Path(tmp).unlink(missing_ok=True)
+
+
+def addnet_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a safetensors file's tensor bytes, after the 8-byte length and the JSON header: the hash
+    A1111 shows for LoRAs ("Lora hashes", modules/hashes.py addnet_hash_safetensors; kohya train_util.py
+    computes the same), so it does not change when only the metadata does. Cached like model_hash."""
+    path = Path(path)
+    st = path.stat()
+    key = ("addnet:" + str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _memo:
+        return _memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + n)
+        while block := fh.read(chunk):
+            h.update(block)
+    _memo[key] = h.hexdigest()
+    return _memo[key]

@@ -199,12 +199,17 @@ _DDPM_BUFFERS = {
     "denoiser.sigmas", "model_ema.decay", "model_ema.num_updates",
 }
 _IGNORABLE_SUFFIXES = (".position_ids", ".logit_scale", ".attn_mask")
+# Empty marker tensors of v-prediction / zero-terminal-SNR fine-tunes (ComfyUI model_detection reads them;
+# io/models.py detect_single_file turns them into the config)
+MARKERS = ("v_pred", "ztsnr")
 
 
 def ignorable(key: str) -> str | None:
     """Why a foreign key may be skipped, or None if it must be consumed."""
     if key in _DDPM_BUFFERS:
         return "diffusion schedule buffer (recomputed from the config)"
+    if key in MARKERS:
+        return "model-kind marker (read into the config)"
     if key.startswith("noise_augmentor.") and key.split(".", 1)[1] in _DDPM_BUFFERS:
         return "unCLIP noise-augmentation schedule buffer (recomputed)"
     if key.startswith("model_ema."):

@@ -38,7 +38,34 @@ def size_text(hw) -> str | None:
     return None if hw is None else f"{hw[1]}x{hw[0]}"
 
 
-def generation_infotext(req, index: int, *, model_hash: str | None = None) -> str:
+def lora_tags(loras) -> str:
+    """The `<lora:NAME:W>` tags of a request's LoraSpecs (`<lora:NAME:TE_W:UNET_W>` when they differ), as A1111
+    keeps them in the infotext's prompt; reading the text back applies them again."""
+    def tag(s) -> str:
+        te = s.strength if s.text_strength is None else s.text_strength
+        return f"<lora:{s.name}:{s.strength:g}>" if te == s.strength else f"<lora:{s.name}:{te:g}:{s.strength:g}>"
+    return " ".join(tag(s) for s in loras)
+
+
+def lora_hashes_text(hashes: dict[str, str]) -> str | None:
+    """A1111's `Lora hashes` value: "name: hash12, ..." with `:` and `,` removed from names
+    (extra_networks_lora.py)."""
+    items = [f"{n.replace(':', '').replace(',', '')}: {h}" for n, h in hashes.items() if h]
+    return ", ".join(items) or None
+
+
+def parse_lora_hashes(value: str | None) -> dict[str, str]:
+    """A `Lora hashes` value (unquoted) -> {name: hash}."""
+    out = {}
+    for item in (value or "").split(","):
+        name, sep, h = item.rpartition(":")
+        if sep and name.strip():
+            out[name.strip()] = h.strip()
+    return out
+
+
+def generation_infotext(req, index: int, *, model_hash: str | None = None,
+                        lora_hashes: dict[str, str] | None = None) -> str:
     """Infotext for image `index` of a resolved GenerationRequest (in order over its iterations), with
     A1111's keys where it has them. The one writer for the CLI, the Python API and both server APIs."""
     prompts, negatives = req.prompts, req.negative_prompts
@@ -47,12 +74,13 @@ def generation_infotext(req, index: int, *, model_hash: str | None = None) -> st
     out_size = (req.height, req.width)
     refiner = h.refiner
     image = req.image
+    hr = getattr(req, "hires", None)
     params = {
         "Steps": req.steps, "Sampler": A1111_SAMPLER.get(req.sampler, req.sampler),
         "Schedule type": A1111_SCHEDULE.get(req.schedule, req.schedule), "CFG scale": req.cfg,
         "Seed": req.seeds(it)[k], "Size": f"{req.width}x{req.height}",
         "Model hash": model_hash, "Model": req.model,
-        "Denoising strength": image.strength if image is not None else None,
+        "Denoising strength": image.strength if image is not None else hr.strength if hr is not None else None,
         "Mask blur": (image.mask_blur or None) if image is not None and image.mask is not None else None,
         "Refiner": refiner, "Refiner switch at": h.switch_at if refiner and h.mode == "handoff" else None,
         "Refiner mode": h.mode if refiner and h.mode != "handoff" else None,
@@ -63,9 +91,60 @@ def generation_infotext(req, index: int, *, model_hash: str | None = None) -> st
         "Target size": size_text(mc.target_size) if mc.target_size not in (None, out_size) else None,
         "Crop": f"{mc.crop[1]}x{mc.crop[0]}" if tuple(mc.crop or (0, 0)) != (0, 0) else None,
         "Noise level": req.image_prompt.noise_level if req.image_prompt is not None else None,
+        **hires_params(req),
+        "Lora hashes": lora_hashes_text(lora_hashes or {}),
         "Version": f"stablexl {__version__}",
     }
-    return infotext(prompts[k], negatives[k] if negatives else None, params)
+    loras = getattr(req, "loras", ())
+    prompt = f"{prompts[k]} {lora_tags(loras)}" if loras else prompts[k]
+    return infotext(prompt, negatives[k] if negatives else None, params)
+
+
+def hires_params(req) -> dict:
+    """A1111's hires keys (processing.py calculate_target_resolution / init): `Hires upscale` or `Hires resize`,
+    `Hires steps`, `Hires upscaler`, and `Hires sampler`, `Hires schedule type`, `Hires prompt`, `Hires negative
+    prompt` only where they differ from the first pass; `Hires CFG Scale` (Forge's key) likewise. `Size` stays the
+    first pass's, as A1111 writes it."""
+    hr = getattr(req, "hires", None)
+    if hr is None:
+        return {}
+    out = {"Hires upscale": None if hr.resize else f"{hr.scale:g}",
+           "Hires resize": f"{hr.resize[0]}x{hr.resize[1]}" if hr.resize else None,
+           "Hires steps": hr.steps, "Hires upscaler": hr.upscaler}
+    if hr.sampler != req.sampler:
+        out["Hires sampler"] = A1111_SAMPLER.get(hr.sampler, hr.sampler)
+    if hr.schedule != req.schedule:
+        out["Hires schedule type"] = A1111_SCHEDULE.get(hr.schedule, hr.schedule)
+    if hr.cfg != req.cfg:
+        out["Hires CFG Scale"] = hr.cfg
+    if hr.prompt is not None:
+        out["Hires prompt"] = hr.prompt
+    if hr.negative_prompt is not None:
+        out["Hires negative prompt"] = hr.negative_prompt
+    return out
+
+
+def hires_from_infotext(extra: dict, strength):
+    """The Hires record of an infotext's hires keys (None without them). A1111 leaves `Hires steps` out when the
+    second pass runs the first pass's steps; its `Hires sampler: Use same sampler` and empty prompts mean the
+    first pass's too."""
+    from ..request import Hires
+
+    if not any(k in extra for k in ("Hires upscale", "Hires resize", "Hires upscaler")):
+        return None
+    m = _SIZE.match(str(extra.get("Hires resize", "")))
+    same = ("", "Use same sampler", "Use same scheduler")
+    sampler = extra.get("Hires sampler")
+    schedule = extra.get("Hires schedule type")
+    return Hires(scale=_float(extra.get("Hires upscale")) if extra.get("Hires upscale") else 2.0,
+                 resize=(int(m.group(1)), int(m.group(2))) if m else None,
+                 upscaler=extra.get("Hires upscaler") or "Latent",
+                 steps=_int(extra["Hires steps"]) if extra.get("Hires steps") else None,
+                 strength=strength if strength is not None else 0.7,
+                 sampler=None if sampler in (None, *same) else sampler,
+                 schedule=None if schedule in (None, *same) else schedule,
+                 prompt=extra.get("Hires prompt") or None, negative_prompt=extra.get("Hires negative prompt") or None,
+                 cfg=_float(extra["Hires CFG Scale"]) if extra.get("Hires CFG Scale") else None)
 
 
 def request_from_infotext(parsed: dict):
@@ -90,6 +169,8 @@ def request_from_infotext(parsed: dict):
         height=parsed.get("height"), sampler=parsed.get("sampler"),
         schedule=None if sigmas is not None else parsed.get("schedule"), sigmas=sigmas, eta=eta,
         guidance_rescale=parsed.get("guidance_rescale") or 0.0,
+        hires=hires_from_infotext(extra, _float(extra["Denoising strength"]) if extra.get("Denoising strength")
+                                  else None),
         conditions=MicroConditions(original_size=hw("Original size"), target_size=hw("Target size"),
                                    crop=crop if crop is not None else (0, 0)),
     )

@@ -15,6 +15,9 @@ Layout detection (documented rules, applied in this order):
    - `cond_stage_model.transformer.text_model.*` -> SD 1.x
    - a UNet `conv_in` with 9 input channels marks the inpainting variant of its family.
    The OpenCLIP tower's depth and projection are read from the file (SD 2.x files may hold 23 or 24 blocks).
+   So are the UNet's transformer depths per ResBlock and its mid block (Segmind SSD-1B and Vega keep SDXL's
+   widths with fewer blocks; counted as ComfyUI's model_detection counts them), and the micro-condition
+   width from `label_emb`. Marker tensors: `v_pred` -> v-prediction, `ztsnr` -> zero terminal SNR (ComfyUI).
 A name that is not a path is looked up in the local Hugging Face cache (`HF_HUB_CACHE`, `HF_HOME/hub`,
 `~/.cache/huggingface/hub`) in the `models--org--name/snapshots/<rev>/` layout; nothing is downloaded.
 """
@@ -30,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from ..config import ModelConfig, PRESETS, preset
+from ..config import ModelConfig, PRESETS, UNetConfig, preset
 from ..models.parts import ModelParts, build_parts
 from . import diffusers_format as dfmt
 from .checkpoint import (
@@ -40,6 +43,7 @@ from .checkpoint import (
 from .keymaps import Rule, ldm_vae_rules, single_file_layout
 
 FORMAT_KEY, CONFIG_KEY, FORMAT_VERSION = "stablexl.format", "stablexl.config", "1"
+QUANTIZE_KEY = "stablexl.quantize"  # JSON {component: "int8"} for files with int8 Linear layers (stablexl/quant.py)
 Format = Literal["stablexl", "single-file", "diffusers"]
 
 
@@ -151,6 +155,19 @@ def _load_file(source: TensorSource, dtype, device, config: ModelConfig | None) 
         config = detect_single_file(source)
     has_image_encoder = layout == "stablexl" and any(k.startswith("image_encoder.") for k in source.keys())
     parts = build_parts(config, device="meta", with_image_encoder=has_image_encoder)
+    if layout == "stablexl" and QUANTIZE_KEY in meta:  # int8 layers: built empty, filled from the file as stored
+        from ..quant import quantize_module
+
+        try:
+            quantized = json.loads(meta[QUANTIZE_KEY])
+            mods = parts.modules()
+            for component, mode in quantized.items():
+                if mode != "int8" or component not in mods:
+                    raise ValueError(f"{component}: {mode}")
+                quantize_module(mods[component], meta=True)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{source.path}: unreadable {QUANTIZE_KEY} metadata ({e}); the file is corrupt") from None
+        parts.quantized = {c: "int8" for c in quantized}
     plans = plans_for(parts, layout, source)
     skipped = check_plans(source, plans)
     load_plans(source, plans, dtype, device)
@@ -230,7 +247,53 @@ def detect_single_file(source: TensorSource) -> ModelConfig:
                 raise CheckpointError(f"{source.path}: text encoder {comp.prefix} has {text.layers} blocks; this model reads block {spec.layer}")
             spec = dataclasses.replace(spec, config=text)
         specs.append(spec)
-    return dataclasses.replace(config, text_encoders=tuple(specs))
+    unet = _unet_from_keys(config, source)
+    if unet != config.unet and config.family == "sdxl-base":
+        down = tuple(unet.down_depths(level) for level in range(len(unet.channel_mult)))
+        config = dataclasses.replace(config, name=_DERIVATIVES.get(down, "sdxl-base-derivative"))
+    config = dataclasses.replace(config, text_encoders=tuple(specs), unet=unet)
+    if "v_pred" in source:
+        config = dataclasses.replace(config, prediction="v")
+    if "ztsnr" in source:
+        config = dataclasses.replace(config, zero_terminal_snr=True)
+    return config
+
+
+# SDXL derivatives known by their down-path depths (ComfyUI supported_models.py SSD1B, Segmind_Vega)
+_DERIVATIVES = {((0, 0), (2, 2), (4, 4)): "ssd-1b", ((0, 0), (1, 1), (2, 2)): "segmind-vega"}
+
+
+def _unet_from_keys(config: ModelConfig, source: TensorSource) -> UNetConfig:
+    """The family's UNet config with the transformer depth after every ResBlock, the mid block's kind and the
+    micro-condition width as the file's LDM keys show them."""
+    cfg, pre = config.unet, "model.diffusion_model."
+    n, k = len(cfg.channel_mult), cfg.num_res_blocks + 1
+    depth: dict[tuple[str, int], int] = {}
+    for key in source.keys():
+        # input_blocks.I.1.transformer_blocks.B / output_blocks.I.1... / middle_block.1.transformer_blocks.B
+        if m := re.match(re.escape(pre) + r"(input_blocks\.\d+|output_blocks\.\d+|middle_block)\.1\.transformer_blocks\.(\d+)\.", key):
+            kind, _, i = m[1].partition(".")
+            where = (kind, int(i or 1))
+            depth[where] = max(depth.get(where, 0), int(m[2]) + 1)
+    down = tuple(tuple(depth.get(("input_blocks", 1 + level * k + j), 0) for j in range(k - 1)) for level in range(n))
+    up = tuple(tuple(depth.get(("output_blocks", (n - 1 - level) * k + j), 0) for j in range(k)) for level in range(n))
+    if ("middle_block", 1) in depth:
+        mid, mid_depth = "attention", depth[("middle_block", 1)]
+    else:
+        mid, mid_depth = ("resnet" if any(key.startswith(pre + "middle_block.0.") for key in source.keys()) else "none"), 0
+    td = tuple(ds[0] for ds in down)
+    fields = dict(transformer_depth=td, mid_transformer_depth=mid_depth, mid_block=mid, down_layer_depths=down,
+                  up_layer_depths=up)
+    label = pre + "label_emb.0.0.weight"
+    if config.family.startswith("sdxl") and label in source:  # pooled ‖ 6 (base) or 5 (refiner) micro-conditions
+        adm, pooled = source.shape(label)[1], config.text_encoders[-1].config.projection_dim
+        micro, rest = divmod(adm - pooled, 6 if config.family == "sdxl-base" else 5)
+        if rest == 0 and micro > 0:
+            fields.update(vector_dim=adm, micro_dim=micro)
+    try:
+        return dataclasses.replace(cfg, **fields)
+    except ValueError as e:
+        raise CheckpointError(f"{source.path}: the UNet's transformer blocks do not form a UNet this loader builds ({e})") from None
 
 
 def _load_diffusers(root: Path, dtype, device, variant: str | None, after_check=None) -> ModelParts:
@@ -357,13 +420,23 @@ def save_model(parts: ModelParts, out: str | os.PathLike, fmt: Format = "stablex
     out = Path(out)
     dt = parse_dtype(dtype)
     cast = (lambda t: t.to(dt) if dt is not None and torch.is_floating_point(t) else t)  # noqa: E731
+    if parts.quantized and fmt != "stablexl":
+        raise ValueError(f"int8 layers ({', '.join(parts.quantized)}) can only be saved in the stablexl format; "
+                         "load the original weights without quantize= to write other formats")
     if fmt in ("stablexl", "single-file"):
         meta = {FORMAT_KEY: FORMAT_VERSION, CONFIG_KEY: parts.config.to_json(),
                 "stablexl.layout": "stablexl" if fmt == "stablexl" else "single-file"}
+        keep: set[str] = set()  # int8 weights and their fp32 scales keep their dtype
+        if parts.quantized:
+            from ..quant import stored_dtype_keys
+
+            meta[QUANTIZE_KEY] = json.dumps(parts.quantized)
+            for name, m in parts.modules().items():
+                keep |= {f"{name}.{k}" for k in stored_dtype_keys(m)}
         tensors = {}
         for plan in plans_for(parts, fmt):
             for key, t in iter_rules_out(plan.module, plan.rules, plan.prefix):
-                tensors[key] = cast(t)
+                tensors[key] = t if key in keep else cast(t)
         atomic_save_safetensors(tensors, out, meta)
         return out
     if fmt == "diffusers":

@@ -85,9 +85,20 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = _embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = _embedding(cfg.max_length, cfg.width)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Ids past the vocabulary (V + k) take row k of `extra` (n, W): textual-inversion vectors, looked up
+        beside the table rather than appended to it (sd.cpp adds them as custom ids the same way)."""
         pos = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(pos)[None]  # (B, T, W)
+        vocab = self.token_embedding.num_embeddings
+        if extra is None:
+            return self.token_embedding(ids) + self.position_embedding(pos)[None]  # (B, T, W)
+        past = ids >= vocab
+        if int(ids.max()) >= vocab + extra.shape[0]:
+            raise ValueError(f"token id {int(ids.max())} is past the vocabulary ({vocab}) and the {extra.shape[0]} "
+                             "extra vectors given")
+        x = self.token_embedding(ids.masked_fill(past, 0))  # (B, T, W)
+        rows = extra.to(x.device, x.dtype)[(ids - vocab).clamp(min=0)]  # (B, T, W)
+        return torch.where(past[..., None], rows, x) + self.position_embedding(pos)[None]
 
 
 @dataclass
@@ -105,13 +116,16 @@ class CLIPTextModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 
-    def forward(self, ids: Tensor, layer: int | None = None, final_norm: bool = True, pooled: bool = False) -> TextEncoding:
-        """Run the tower on token ids (B, T).
+    def forward(self, ids: Tensor, layer: int | None = None, final_norm: bool = True, pooled: bool = False,
+                extra: Tensor | None = None) -> TextEncoding:
+        """Run the tower on token ids (B, T); ids past the vocabulary index `extra` (n, W) (textual inversion).
 
         `layer` = number of transformer blocks whose output is returned as `hidden` (transformers'
         `hidden_states[layer]`; default all), optionally through the final LayerNorm. `pooled` runs all
         blocks and returns final_layer_norm(last)[EOS] @ projection; EOS is found as argmax of the ids
-        (OpenCLIP/OpenAI convention: `<|endoftext|>` = 49407 is the largest id).
+        (OpenCLIP/OpenAI convention: `<|endoftext|>` = 49407 is the largest id), extra ids left out: A1111
+        and ComfyUI pool at the EOS token with embeddings in the prompt too (transformers with the legacy
+        `eos_token_id: 2` of the SD configs would pool at the first extra id instead).
         """
         cfg = self.config
         n_layers = len(self.encoder.layers)
@@ -122,7 +136,7 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"token ids must be (B, T) with T <= {cfg.max_length}; got {tuple(ids.shape)}")
         if pooled and self.text_projection is None:
             raise ValueError("this text encoder has no text_projection, so it cannot give a pooled embedding")
-        x = self.embeddings(ids)  # (B, T, W)
+        x = self.embeddings(ids, extra)  # (B, T, W)
         hidden = x
         run = n_layers if pooled else layer
         for i, block in enumerate(self.encoder.layers[:run]):
@@ -134,7 +148,8 @@ class CLIPTextModel(nn.Module):
         pool = None
         if pooled:
             last = self.final_layer_norm(x)  # (B, T, W)
-            eos = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]  # (B, W)
+            in_vocab = ids.masked_fill(ids >= self.embeddings.token_embedding.num_embeddings, -1)
+            eos = last[torch.arange(ids.shape[0], device=ids.device), in_vocab.argmax(dim=-1)]  # (B, W)
             pool = self.text_projection(eos)  # (B, P)
         return TextEncoding(hidden, pool)
 

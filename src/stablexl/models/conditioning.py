@@ -58,27 +58,28 @@ def _pairs(values, batch: int, name: str) -> Tensor:
     return t
 
 
-def micro_embedding(values: Tensor) -> Tensor:
-    """(B, k) scalars -> (B, 256 k): each scalar's [cos|sin] embedding, concatenated in order."""
+def micro_embedding(values: Tensor, dim: int = MICRO_DIM) -> Tensor:
+    """(B, k) scalars -> (B, dim k): each scalar's [cos|sin] embedding, concatenated in order. `dim`: the UNet's
+    `micro_dim` (256 for SDXL; diffusers' tiny test models use 8)."""
     b, k = values.shape
-    return timestep_embedding(values.reshape(-1), MICRO_DIM).reshape(b, k * MICRO_DIM)
+    return timestep_embedding(values.reshape(-1), dim).reshape(b, k * dim)
 
 
-def sdxl_vector(pooled: Tensor, original_size, crop_top_left, target_size) -> Tensor:
+def sdxl_vector(pooled: Tensor, original_size, crop_top_left, target_size, dim: int = MICRO_DIM) -> Tensor:
     """SDXL base vector: pooled (B, 1280) ‖ emb(orig h, w) ‖ emb(crop top, left) ‖ emb(target h, w) -> (B, 2816)."""
     b = pooled.shape[0]
     ids = torch.cat([_pairs(original_size, b, "original_size"), _pairs(crop_top_left, b, "crop_top_left"),
                      _pairs(target_size, b, "target_size")], dim=1)  # (B, 6)
-    return torch.cat([pooled.float(), micro_embedding(ids.to(pooled.device))], dim=1)
+    return torch.cat([pooled.float(), micro_embedding(ids.to(pooled.device), dim)], dim=1)
 
 
-def refiner_vector(pooled: Tensor, original_size, crop_top_left, aesthetic_score) -> Tensor:
+def refiner_vector(pooled: Tensor, original_size, crop_top_left, aesthetic_score, dim: int = MICRO_DIM) -> Tensor:
     """SDXL refiner vector: pooled ‖ emb(orig h, w) ‖ emb(crop) ‖ emb(aesthetic score) -> (B, 2560)."""
     b = pooled.shape[0]
     score = torch.as_tensor(aesthetic_score, dtype=torch.float32).reshape(-1, 1)
     score = score.expand(b, 1) if score.shape[0] == 1 else score
     ids = torch.cat([_pairs(original_size, b, "original_size"), _pairs(crop_top_left, b, "crop_top_left"), score], dim=1)
-    return torch.cat([pooled.float(), micro_embedding(ids.to(pooled.device))], dim=1)
+    return torch.cat([pooled.float(), micro_embedding(ids.to(pooled.device), dim)], dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,8 +87,10 @@ def refiner_vector(pooled: Tensor, original_size, crop_top_left, aesthetic_score
 # --------------------------------------------------------------------------------------------------
 
 
-def encode_text(config: ModelConfig, encoders: Sequence[CLIPTextModel], ids: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+def encode_text(config: ModelConfig, encoders: Sequence[CLIPTextModel], ids: Sequence[Tensor],
+                extra: Sequence[Tensor | None] | None = None) -> tuple[Tensor, Tensor | None]:
     """Token ids per encoder (each (B, 77), padded with that encoder's pad id) -> (context, pooled).
+    `extra`: per encoder, the vectors of the ids past its vocabulary (textual inversion), or None.
 
     Context is the concatenation of every encoder's selected hidden state along the feature axis,
     in encoder order (sgm `GeneralConditioner` concatenates crossattn outputs on dim 2).
@@ -95,8 +98,10 @@ def encode_text(config: ModelConfig, encoders: Sequence[CLIPTextModel], ids: Seq
     if len(encoders) != len(config.text_encoders) or len(ids) != len(encoders):
         raise ValueError(f"{config.name} has {len(config.text_encoders)} text encoders; got {len(encoders)} encoders and {len(ids)} id tensors")
     hiddens, pooled = [], None
-    for spec, enc, tok in zip(config.text_encoders, encoders, ids):
-        out = enc(tok.to(enc.embeddings.token_embedding.weight.device), layer=spec.layer, final_norm=spec.final_norm, pooled=spec.pooled)
+    extra = [None] * len(encoders) if extra is None else extra
+    for spec, enc, tok, vectors in zip(config.text_encoders, encoders, ids, extra):
+        out = enc(tok.to(enc.embeddings.token_embedding.weight.device), layer=spec.layer, final_norm=spec.final_norm,
+                  pooled=spec.pooled, extra=vectors)
         hiddens.append(out.hidden)
         if spec.pooled:
             pooled = out.pooled

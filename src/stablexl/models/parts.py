@@ -42,6 +42,7 @@ class ModelParts:
     image_normalizer: EmbeddingNormalizer | None = None
     notes: list[str] = field(default_factory=list)  # what the loader did that a user may want to know
     source: Path | None = None  # the file or folder the weights came from (None: built in memory)
+    quantized: dict[str, str] = field(default_factory=dict)  # component -> "int8" (stablexl/quant.py)
 
     def modules(self) -> dict[str, nn.Module]:
         """Component name -> module, in a fixed order; also the key prefixes of our checkpoint format."""
@@ -53,6 +54,21 @@ class ModelParts:
         if self.image_normalizer is not None:
             out["image_normalizer"] = self.image_normalizer
         return out
+
+    def quantize(self, mode: str = "int8", *, text_encoders: bool = False) -> None:
+        """int8 weights for the UNet's Linear layers (and the text encoders' with `text_encoders`), in place;
+        components already quantised are left as they are."""
+        from ..quant import check_mode, quantize_module
+
+        if check_mode(mode) is None:
+            return
+        names = ["unet"] + ([f"text_encoders.{i}" for i in range(len(self.text_encoders))] if text_encoders else [])
+        mods = self.modules()
+        for name in names:
+            if name not in self.quantized:
+                n = quantize_module(mods[name])
+                self.quantized[name] = mode
+                self.notes.append(f"{name}: {n} Linear layers quantised to {mode}")
 
     def to(self, *args, **kwargs) -> "ModelParts":
         for m in self.modules().values():

@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 import torch
 
-__all__ = ["CLIPTokenizer", "default_tokenizer"]
+__all__ = ["AddedTokens", "CLIPTokenizer", "default_tokenizer"]
 
 _ASSET_NAME = "bpe_simple_vocab_16e6.txt.gz"
 _BOS_TOKEN = "<|startoftext|>"
@@ -172,6 +172,38 @@ _ASCII_PRE_SPLIT = re.compile(
 _SPECIAL_RESPLIT = {
     lit: ("<|", lit[2:-2], "|>") for lit in (_BOS_TOKEN, _EOS_TOKEN)
 }
+
+class AddedTokens:
+    """Words that stand for token ids past the vocabulary (textual-inversion triggers), each a run of ids.
+
+    Matched in the raw text case-insensitively (the reference lower-cases before matching added tokens) and
+    only as whole words: not inside a longer run of letters, digits or '_' (A1111 matches the name's token
+    ids, so "catlike" never triggers "cat"). The longest word wins where several start at one place, so
+    "embedding:name" is one trigger. The shipped vocabulary is never changed; the ids index vectors that the
+    text encoder is given alongside (`CLIPTextModel.forward(extra=...)`).
+    """
+
+    def __init__(self, words: dict[str, tuple[int, ...]]):
+        self.ids = {w.lower(): tuple(ids) for w, ids in words.items() if w}
+        alternatives = sorted(self.ids, key=len, reverse=True)
+        self.pattern = re.compile("(?<!\\w)(" + "|".join(re.escape(a) for a in alternatives) + ")(?!\\w)",
+                                  re.IGNORECASE) if alternatives else None
+
+    def __bool__(self) -> bool:
+        return self.pattern is not None
+
+    def split(self, text: str) -> list[str | tuple[int, ...]]:
+        """`text` as plain segments and the id runs of the words found in it."""
+        if self.pattern is None:
+            return [text]
+        out: list[str | tuple[int, ...]] = []
+        for i, part in enumerate(self.pattern.split(text)):
+            if i % 2:
+                out.append(self.ids[part.lower()])
+            elif part:
+                out.append(part)
+        return out
+
 
 # Plain dict cache of BPE results; cleared when it grows past this many words
 # so a long-running process cannot grow without bound.
@@ -400,7 +432,7 @@ class CLIPTokenizer:
             self._literal_splitters[pad_literal] = splitter
         return splitter
 
-    def _encode(self, text: str, pad_literal: str | None) -> list[int]:
+    def _encode(self, text: str, pad_literal: str | None, added: AddedTokens | None = None) -> list[int]:
         out: list[int] = []
         if not text:
             return out
@@ -409,18 +441,25 @@ class CLIPTokenizer:
         for i, part in enumerate(parts):
             if i % 2:
                 out.append(self._token_to_id[part])
+            elif part and added:  # added words are cut out like literals; the text between is encoded alone
+                for piece in added.split(part):
+                    if isinstance(piece, tuple):
+                        out.extend(piece)
+                    else:
+                        self._encode_segment(piece, out)
             elif part:
                 self._encode_segment(part, out)
         return out
 
     # --------------------------------------------------------------- public API
-    def encode(self, text: str, *, pad_id: int | None = None) -> list[int]:
+    def encode(self, text: str, *, pad_id: int | None = None, added: AddedTokens | None = None) -> list[int]:
         """BPE ids of ``text`` without BOS/EOS and without truncation.
 
         Literal ``<|startoftext|>`` / ``<|endoftext|>`` in the text map to
         their special ids.  Pass the encoder's ``pad_id`` to also reproduce
         the pad-literal split that ``__call__`` applies (only differs for a pad
-        token other than EOS, i.e. "!" for OpenCLIP).
+        token other than EOS, i.e. "!" for OpenCLIP); ``added`` maps extra words
+        (textual-inversion triggers) to their ids past the vocabulary.
         """
         if not isinstance(text, str):
             raise ValueError(
@@ -430,7 +469,7 @@ class CLIPTokenizer:
         if pad_id is not None:
             pad_id = self._check_id(pad_id, "pad_id")
         _check_encodable(text)
-        return self._encode(text, self._pad_literal(pad_id))
+        return self._encode(text, self._pad_literal(pad_id), added)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` ("</w>" becomes a space; result is stripped).
@@ -466,11 +505,12 @@ class CLIPTokenizer:
         *,
         pad_id: int,
         max_length: int = MAX_LENGTH,
+        added: AddedTokens | None = None,
     ) -> torch.LongTensor:
         """Tokenize a prompt or a batch of prompts to a ``(B, max_length)`` tensor.
 
         Each row is ``[BOS] + ids[: max_length - 2] + [EOS]`` right-padded with
-        ``pad_id``.
+        ``pad_id``; ``added`` as in ``encode``.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -495,7 +535,7 @@ class CLIPTokenizer:
         out = torch.full((len(texts), max_length), pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             _check_encodable(text)
-            ids = self._encode(text, pad_literal)[: max_length - 2]
+            ids = self._encode(text, pad_literal, added)[: max_length - 2]
             seq = [self.BOS, *ids, self.EOS]
             out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         return out

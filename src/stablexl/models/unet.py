@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q = self.to_q(x)  # (B, N, inner)
         if context is None:  # self-attention
             out = attention(q, self.to_k(x), self.to_v(x), self.heads, upcast=self.upcast)
-        elif self._reused is None and via_context_is_cheaper(x.shape[1], context.shape[1], q.shape[-1],
+        elif self._reused is None and type(self.to_k) is nn.Linear and via_context_is_cheaper(x.shape[1], context.shape[1], q.shape[-1],
                                                              context.shape[-1], self.heads):
             out = attention_via_context(q, context, self.to_k.weight, self.to_v.weight, self.heads, upcast=self.upcast)
         else:
@@ -147,17 +147,15 @@ class SpatialTransformer(nn.Module):
 
 
 class DownLevel(nn.Module):
-    """num_res_blocks x [ResBlock (+ SpatialTransformer)], then a stride-2 conv unless last."""
+    """num_res_blocks x [ResBlock (+ SpatialTransformer of depths[j] blocks)], then a stride-2 conv unless last."""
 
-    def __init__(self, cin: int, width: int, depth: int, downsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, width: int, depths: tuple[int, ...], downsample: bool, cfg: UNetConfig):
         super().__init__()
         temb, g = cfg.time_embed_dim, cfg.norm_groups
         self.resnets = nn.ModuleList(
             ResBlock(cin if j == 0 else width, width, temb, g, 1e-5) for j in range(cfg.num_res_blocks)
         )
-        self.attentions = (
-            nn.ModuleList(SpatialTransformer(width, depth, cfg) for _ in range(cfg.num_res_blocks)) if depth else None
-        )
+        self.attentions = nn.ModuleList(SpatialTransformer(width, d, cfg) for d in depths) if any(depths) else None
         self.downsamplers = nn.ModuleList([Downsample(width)]) if downsample else None
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -174,31 +172,34 @@ class DownLevel(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """ResBlock -> SpatialTransformer -> ResBlock at the lowest resolution."""
+    """ResBlock -> SpatialTransformer -> ResBlock at the lowest resolution; with `attention=False` one ResBlock
+    only (diffusers' UNetMidBlock2D as UNet2DConditionModel builds it: SSD-1B, Vega)."""
 
-    def __init__(self, ch: int, depth: int, cfg: UNetConfig):
+    def __init__(self, ch: int, depth: int, cfg: UNetConfig, attention: bool = True):
         super().__init__()
         temb, g = cfg.time_embed_dim, cfg.norm_groups
-        self.resnets = nn.ModuleList([ResBlock(ch, ch, temb, g, 1e-5), ResBlock(ch, ch, temb, g, 1e-5)])
-        self.attentions = nn.ModuleList([SpatialTransformer(ch, depth, cfg)])
+        self.resnets = nn.ModuleList(ResBlock(ch, ch, temb, g, 1e-5) for _ in range(2 if attention else 1))
+        self.attentions = nn.ModuleList([SpatialTransformer(ch, depth, cfg)]) if attention else None
 
     def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         x = self.resnets[0](x, emb)
+        if self.attentions is None:
+            return x
         x = self.attentions[0](x, context)
         return self.resnets[1](x, emb)
 
 
 class UpLevel(nn.Module):
-    """(num_res_blocks + 1) x [concat skip -> ResBlock (+ SpatialTransformer)], then upsample unless last."""
+    """(num_res_blocks + 1) x [concat skip -> ResBlock (+ SpatialTransformer of depths[j] blocks)], then upsample
+    unless last."""
 
-    def __init__(self, cin: int, skip_channels: list[int], width: int, depth: int, upsample: bool, cfg: UNetConfig):
+    def __init__(self, cin: int, skip_channels: list[int], width: int, depths: tuple[int, ...], upsample: bool,
+                 cfg: UNetConfig):
         super().__init__()
         temb, g = cfg.time_embed_dim, cfg.norm_groups
         ins = [cin] + [width] * (len(skip_channels) - 1)
         self.resnets = nn.ModuleList(ResBlock(i + s, width, temb, g, 1e-5) for i, s in zip(ins, skip_channels))
-        self.attentions = (
-            nn.ModuleList(SpatialTransformer(width, depth, cfg) for _ in skip_channels) if depth else None
-        )
+        self.attentions = nn.ModuleList(SpatialTransformer(width, d, cfg) for d in depths) if any(depths) else None
         self.upsamplers = nn.ModuleList([Upsample(width)]) if upsample else None
 
     def forward(self, x: Tensor, skips: list[Tensor], emb: Tensor, context: Tensor) -> Tensor:
@@ -239,18 +240,19 @@ class UNet(nn.Module):
         ch = mc
         for level, width in enumerate(widths):
             last = level == n - 1
-            self.down_blocks.append(DownLevel(ch, width, cfg.transformer_depth[level], not last, cfg))
+            self.down_blocks.append(DownLevel(ch, width, cfg.down_depths(level), not last, cfg))
             ch = width
             skip_channels += [width] * cfg.num_res_blocks + ([] if last else [width])
 
-        self.mid_block = MidBlock(ch, cfg.mid_transformer_depth, cfg)
+        self.mid_block = None if cfg.mid_block == "none" else \
+            MidBlock(ch, cfg.mid_transformer_depth, cfg, attention=cfg.mid_block == "attention")
 
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(n)):
             k = cfg.num_res_blocks + 1
             skips, skip_channels = skip_channels[-k:][::-1], skip_channels[:-k]
             self.up_blocks.append(
-                UpLevel(ch, skips, widths[level], cfg.transformer_depth[level], level > 0, cfg)
+                UpLevel(ch, skips, widths[level], cfg.up_depths(level), level > 0, cfg)
             )
             ch = widths[level]
 
@@ -305,7 +307,8 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             h, s = run(block, h, emb, context)  # (B, w_l, H/2^l, W/2^l)
             skips += s
-        h = run(self.mid_block, h, emb, context)  # (B, w_last, H/2^(n-1), W/2^(n-1))
+        if self.mid_block is not None:
+            h = run(self.mid_block, h, emb, context)  # (B, w_last, H/2^(n-1), W/2^(n-1))
         for block in self.up_blocks:
             h = run(block, h, skips, emb, context)  # (B, w_l, ...)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out, H, W)

@@ -3,8 +3,8 @@ clients (e.g. the `webuiapi` package) work unchanged.
 
 txt2img / img2img are synchronous, as in A1111, but run through the same queue as native jobs: a client
 that disconnects does not stop its job, and with `force_task_id` the result stays at /v1/jobs/{id}.
-Fields that would change the picture in ways we cannot honour (hires fix, face restoration, tiling,
-variation seeds, scripts) are refused with 422 rather than ignored; knobs our samplers do not have
+Fields that would change the picture in ways we cannot honour (face restoration, tiling, variation seeds,
+scripts, a hires checkpoint or a model upscaler such as ESRGAN) are refused with 422 rather than ignored; knobs our samplers do not have
 (eta, s_churn, ...) and bookkeeping fields are accepted and ignored, as A1111 ignores unknown ones.
 """
 
@@ -20,12 +20,12 @@ from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..io.metadata import MetadataError, parse_infotext
+from ..io.metadata import MetadataError, hires_params, parse_infotext
 from ..names import (
     A1111_ALIASES, A1111_SAMPLER, A1111_SCHEDULE, A1111_SCHEDULE_ID, ETA_SAMPLERS, SAMPLER_NAMES, SCHEDULE_NAMES,
     nearest_names, parse_schedule, resolve_sampler, sampler_spellings, schedule_aliases, schedule_spellings,
 )
-from ..request import GenerationRequest, Handoff, ImageInput, MicroConditions
+from ..request import LATENT_UPSCALERS, PIXEL_UPSCALERS, GenerationRequest, Handoff, Hires, ImageInput, MicroConditions
 from .generation import InputError
 from .images import ImageInputError, b64, open_image, png_texts
 from .native import image_field
@@ -40,7 +40,11 @@ FIELD_NAMES = {"cfg": "cfg_scale", "batch": "batch_size", "iterations": "n_iter"
                "image.mask": "mask", "image.mask_blur": "mask_blur",
                "handoff.refiner": "refiner_checkpoint", "handoff.switch_at": "refiner_switch_at",
                "model": "override_settings.sd_model_checkpoint", "image.mask_invert": "inpainting_mask_invert",
-               "image.fit": "resize_mode"}
+               "image.fit": "resize_mode", "hires": "enable_hr", "hires.scale": "hr_scale",
+               "hires.resize": "hr_resize_x", "hires.upscaler": "hr_upscaler", "hires.steps": "hr_second_pass_steps",
+               "hires.strength": "denoising_strength", "hires.sampler": "hr_sampler_name",
+               "hires.schedule": "hr_scheduler", "hires.prompt": "hr_prompt",
+               "hires.negative_prompt": "hr_negative_prompt"}
 
 
 def field_name(path: str) -> str:
@@ -105,8 +109,9 @@ def _refuse_unsupported(body) -> None:
               ("script_name", bool(body.script_name), f"script {body.script_name!r} not found"),
               ("alwayson_scripts", bool(body.alwayson_scripts),
                f"always-on scripts not found: {', '.join(map(str, body.alwayson_scripts))}")]
-    if isinstance(body, Txt2ImgRequest):
-        checks.append(("enable_hr", body.enable_hr, "hires fix is not available on this server"))
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        checks.append(("hr_checkpoint_name", (body.hr_checkpoint_name or "").strip() not in ("", "Use same checkpoint"),
+                       "a separate hires checkpoint is not available on this server; leave hr_checkpoint_name unset"))
     for field, bad, msg in checks:
         if bad:
             raise InputError(field, msg)
@@ -121,10 +126,9 @@ NEUTRAL = {"styles": (None, []), "subseed": None, "seed_resize_from_w": (-1, 0, 
            "disable_extra_networks": (False,), "override_settings_restore_afterwards": None, "infotext": (None, ""),
            "image_cfg_scale": None, "initial_noise_multiplier": (None, 1.0), "inpainting_fill": (0, 1),
            "inpaint_full_res": (True, 1, False, 0), "inpaint_full_res_padding": None, "mask_round": (True,),
-           "latent_mask": (None,), "firstpass_image": (None,), "hr_checkpoint_name": None, "hr_sampler_name": None,
-           "hr_scheduler": None, "hr_prompt": None, "hr_negative_prompt": None, "hr_scale": None, "hr_upscaler": None,
-           "hr_second_pass_steps": None, "hr_resize_x": None, "hr_resize_y": None, "firstphase_width": None,
+           "latent_mask": (None,), "firstpass_image": (None,), "firstphase_width": None,
            "firstphase_height": None, "script_args": None}
+# (the hr_* fields are used when enable_hr is set; without it A1111 ignores them too, so they are not reported)
 
 
 def ignored_fields(body, eta_used: bool) -> list[str]:
@@ -153,6 +157,35 @@ def _refuse_unknown(body) -> None:
         raise InputError(unknown[0], f"unknown field(s) {hints}; accepted: {', '.join(accepted)}")
 
 
+def _same(v, *same) -> str | None:
+    """A1111's hr_sampler_name / hr_scheduler / hr_prompt: empty or "Use same ..." means the first pass's."""
+    return None if v is None or v.strip() in ("", *same) else v
+
+
+def _hires(body) -> Hires | None:
+    """txt2img's hr_* fields -> Hires (reference/adapters.md §6); None unless enable_hr."""
+    if not isinstance(body, Txt2ImgRequest) or not body.enable_hr:
+        return None
+    sampler = _same(body.hr_sampler_name, "Use same sampler")
+    schedule = _same(body.hr_scheduler, "Use same scheduler", "Automatic")
+    if sampler is not None:
+        try:
+            sampler, implied = resolve_sampler(sampler)
+        except ValueError:
+            available = [A1111_SAMPLER.get(s, s) for s in SAMPLER_NAMES]
+            raise InputError("hires.sampler", _not_found("Sampler not found:", body.hr_sampler_name,
+                                                         sampler_spellings(), available), status=404) from None
+        schedule = schedule or implied
+    upscaler = body.hr_upscaler if body.hr_upscaler not in (None, "") else "Latent"  # A1111: None -> latent default
+    return Hires(scale=body.hr_scale if body.hr_scale is not None else 2.0,
+                 resize=(body.hr_resize_x or 0, body.hr_resize_y or 0), upscaler=upscaler,
+                 steps=body.hr_second_pass_steps or None,
+                 # A1111's StableDiffusionProcessingTxt2Img default is 0.75
+                 strength=body.denoising_strength if body.denoising_strength is not None else 0.75,
+                 sampler=sampler, schedule=schedule, prompt=_same(body.hr_prompt),
+                 negative_prompt=_same(body.hr_negative_prompt))
+
+
 def _request(body, server, image: ImageInput | None = None) -> GenerationRequest:
     """An A1111 body -> a GenerationRequest (their names mapped to ours once, here)."""
     _refuse_unknown(body)
@@ -170,7 +203,7 @@ def _request(body, server, image: ImageInput | None = None) -> GenerationRequest
         steps=body.steps, cfg=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         # A1111 applies eta only to the samplers that have one and ignores it for the rest (clients always send it)
         eta=body.eta if sampler in ETA_SAMPLERS else None,
-        batch=body.batch_size, iterations=body.n_iter, image=image,
+        batch=body.batch_size, iterations=body.n_iter, image=image, hires=_hires(body),
         handoff=Handoff(refiner=refiner, switch_at=body.refiner_switch_at if body.refiner_switch_at is not None else 0.8),
         conditions=MicroConditions(aesthetic_score=body.aesthetic_score,
                                    negative_aesthetic_score=body.negative_aesthetic_score))
@@ -207,6 +240,7 @@ def _info(req: GenerationRequest, job, images: list[dict], body, interrupted: bo
     extra = {"Schedule type": A1111_SCHEDULE.get(req.schedule, req.schedule)}
     if req.handoff.refiner:
         extra.update({"Refiner": req.handoff.refiner, "Refiner switch at": req.handoff.switch_at})
+    extra.update({k: v for k, v in hires_params(req).items() if v is not None})
     prompt, negative = req.prompts[0], (req.negative_prompts or ("",))[0]
     return {
         "prompt": prompt, "all_prompts": [prompt] * n, "negative_prompt": negative,
@@ -218,7 +252,8 @@ def _info(req: GenerationRequest, job, images: list[dict], body, interrupted: bo
         "sd_model_name": req.model, "sd_model_hash": images[0].get("model_hash") if images else None,
         "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": req.image.strength if req.image is not None else None,
+        "denoising_strength": req.image.strength if req.image is not None else
+        req.hires.strength if req.hires is not None else None,
         "extra_generation_params": extra, "index_of_first_image": 0, "infotexts": [i["infotext"] for i in images],
         "styles": list(body.styles or []), "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
         "ignored": ignored_fields(body, req.eta is not None),
@@ -313,6 +348,57 @@ async def sd_models(request: Request):
     server = request.app.state.server
     return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n, "config": None}
             for n in server.models.names]
+
+
+@router.get("/loras")
+async def loras(request: Request):
+    """The LoRA files of --lora-dir as A1111 lists them: [{name, alias, path, metadata}] ([] without a folder)."""
+    folder = request.app.state.server.lora_folder
+    return [] if folder is None else await run_in_threadpool(folder.describe)
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(request: Request):
+    """Rescan --lora-dir; A1111 answers null (lora_script.py returns list_available_networks(), which is None)."""
+    folder = request.app.state.server.lora_folder
+    if folder is not None:
+        await run_in_threadpool(folder.scan)
+    return None
+
+
+@router.get("/embeddings")
+async def embeddings(request: Request):
+    """The textual inversions of --embeddings-dir as the current model reads them, in A1111's shape:
+    {"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape, vectors}}, "skipped": {...}}; files made
+    for another model (other widths), pickles and broken files are under "skipped"."""
+    server = request.app.state.server
+    pipe = server.models.get(server.options["sd_model_checkpoint"]).pipe
+    emb = getattr(pipe, "embeddings", None)
+    return {"loaded": {}, "skipped": {}} if emb is None else await run_in_threadpool(emb.describe)
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings(request: Request):
+    """Rescan --embeddings-dir (every request rescans too); A1111 answers null."""
+    server = request.app.state.server
+    for m in server.models.loaded.values():
+        for p in m.pipes:
+            if getattr(p, "embeddings", None) is not None:
+                await run_in_threadpool(p.embeddings.refresh)
+    return None
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes():
+    """A1111's latent upscale modes (modules/shared.py latent_upscale_modes), [{name}]."""
+    return [{"name": n} for n in LATENT_UPSCALERS]
+
+
+@router.get("/upscalers")
+async def upscalers():
+    """The pixel upscalers we have, as A1111's records (modules/api/models.py UpscalerItem): plain resamplers."""
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            for n in PIXEL_UPSCALERS]
 
 
 @router.get("/samplers")

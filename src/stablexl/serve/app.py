@@ -24,6 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from . import a1111, native
+from ..adapters.embeddings import EmbeddingFolder, Embeddings
+from ..adapters.tags import LoraFolder
 from ..request import GenerationRequest, Limits, RequestError
 from . import admission
 from .generation import InputError, Models, resolve_request, run
@@ -47,16 +49,21 @@ class ServeConfig:
     max_batch: int = 8
     queue_size: int = 32  # jobs waiting (running ones not counted); more get 429
     job_ttl: float = 600.0  # seconds a finished job stays retrievable
-    preview: str = "approx"
+    preview: str = "auto"  # tiny decoder if the model has one, else the approximate latent -> RGB map
     devices: list[str] = field(default_factory=lambda: ["auto"])  # a worker per (model, device)
     dtype: str | None = "auto"
     offload: str = "none"
     compile: bool = False
     vae: str | None = None
+    tiny_decoder: str | None = None  # for --decoder tiny and previews; None: a model's own (the miniature ships one)
+    quantize: str | None = None  # "int8": the UNets' Linear weights as int8 (stablexl/quant.py)
+    quantize_text: bool = False  # and the text encoders'
     loader: Callable | None = None  # (name[, device]) -> Pipeline; default Pipeline.from_pretrained
     max_memory: int | str | None = "auto"  # bytes jobs + models may use; "auto": the machine less a margin; None: no limit
     drain_timeout: float = 120.0  # on SIGTERM/SIGINT: seconds to finish accepted jobs before cancelling the rest
     drain_grace: float = 5.0  # then seconds finished results stay retrievable before the process exits
+    lora_dir: str | None = None  # the folder `<lora:NAME:W>` tags and the APIs' LoRA names resolve in
+    embeddings_dir: str | None = None  # textual inversions, triggered by file name or embedding:NAME
 
     def __post_init__(self):
         for name in ("max_width", "max_height", "max_steps", "max_batch", "queue_size"):
@@ -77,7 +84,8 @@ def _default_loader(config: ServeConfig) -> Callable[[str, str], object]:
         from ..pipeline import Pipeline
 
         return Pipeline.from_pretrained(name, device=device, dtype=config.dtype, offload=config.offload,
-                                        compile=config.compile, vae=config.vae)
+                                        compile=config.compile, vae=config.vae, tiny_decoder=config.tiny_decoder,
+                                        quantize=config.quantize, quantize_text=config.quantize_text)
     return load
 
 
@@ -112,9 +120,18 @@ class Server:
         self.max_memory = admission.default_max_memory() if mm == "auto" else \
             admission.parse_bytes(mm) if isinstance(mm, str) else mm
         self.budget = admission.MemoryBudget(None)  # set once the models are loaded (start)
+        self.lora_folder = None if config.lora_dir is None else LoraFolder(config.lora_dir)
+        self.embeddings_folder = None if config.embeddings_dir is None else EmbeddingFolder(config.embeddings_dir)
 
     def start(self) -> None:
         """After the models are loaded: what they hold is the resident part; jobs share the rest of --max-memory."""
+        for m in self.models.loaded.values():  # every pipeline resolves LoRA names in the server's folder
+            for p in m.pipes:
+                if hasattr(p, "lora_folder"):
+                    p.lora_folder = self.lora_folder
+                if hasattr(p, "embeddings"):  # and embeddings in its folder, as that model reads them
+                    p.embeddings = None if self.embeddings_folder is None else Embeddings(self.embeddings_folder,
+                                                                                          p.config)
         self.resident = admission.current_rss()
         total = admission.activation_budget(self.max_memory, self.resident)
         if total is not None and total <= 0:

@@ -75,7 +75,7 @@ class Models:
     """The models this server serves, each loaded once per device at startup and shared by all jobs.
     `loader(name)` or `loader(name, device)` returns a Pipeline."""
 
-    def __init__(self, names: list[str], loader: Callable, preview: str = "approx", devices: list[str] | None = None):
+    def __init__(self, names: list[str], loader: Callable, preview: str = "auto", devices: list[str] | None = None):
         if not names:
             raise ValueError("serve at least one model (--model)")
         if len(set(names)) != len(names):

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..names import A1111_SAMPLER, A1111_SCHEDULE, SAMPLER_NAMES, SCHEDULE_NAMES, sampler_aliases, schedule_aliases
-from ..request import GenerationRequest, Handoff, ImageInput, ImagePrompt, MicroConditions
+from ..request import GenerationRequest, Handoff, Hires, ImageInput, ImagePrompt, LoraSpec, MicroConditions
 from .generation import InputError, latents_from_bytes
 from .images import ImageInputError, b64, decode_image
 from .queue import FINISHED, RUNNING, Job
@@ -67,12 +67,15 @@ def request_from_body(body: GenerateRequest) -> GenerationRequest:
         schedule=body.schedule, sigmas=None if body.sigmas is None else tuple(body.sigmas), eta=body.eta,
         steps=body.steps, cfg=body.cfg, seed=body.seed, width=body.width, height=body.height,
         batch=body.batch, guidance_rescale=body.guidance_rescale, output_type=body.output_type, vae_tile=body.vae_tile,
+        decoder=body.decoder,
         conditions=MicroConditions(
             original_size=body.original_size, crop=body.crop, target_size=body.target_size,
             negative_original_size=body.negative_original_size, negative_crop=body.negative_crop,
             negative_target_size=body.negative_target_size, aesthetic_score=body.aesthetic_score,
             negative_aesthetic_score=body.negative_aesthetic_score),
         image=image, image_prompt=image_prompt,
+        hires=None if body.hires is None else Hires(**{**body.hires.model_dump(), "resize": body.hires.resize}),
+        loras=tuple(LoraSpec(x.name, x.strength, x.text_strength) for x in body.loras),
         handoff=Handoff(refiner=body.refiner, switch_at=body.refiner_switch_at, mode=body.refiner_mode,
                         refiner_strength=body.refiner_strength, denoising_start=body.denoising_start,
                         denoising_end=body.denoising_end, latents=latents),
@@ -105,7 +108,9 @@ def settings_view(req: GenerationRequest) -> dict:
         "negative_target_size": pair(mc.negative_target_size), "aesthetic_score": mc.aesthetic_score,
         "negative_aesthetic_score": mc.negative_aesthetic_score,
         "image_prompt": img(ip.image) if ip else None, "noise_level": ip.noise_level if ip else 0,
-        "vae_tile": req.vae_tile,
+        "vae_tile": req.vae_tile, "decoder": req.decoder,
+        "loras": [{"name": x.name, "strength": x.strength, "text_strength": x.text_strength} for x in req.loras],
+        "hires": None if getattr(req, "hires", None) is None else {**vars(req.hires), "resize": pair(req.hires.resize)},
     }
 
 

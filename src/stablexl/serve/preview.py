@@ -4,7 +4,12 @@
 a fixed VAE ship such a matrix for it; we fit ours when a model loads, from that model's own VAE: encode
 a few smooth random-colour images and least-squares the latent means onto the 8x8-pooled pixels. So it
 matches whatever VAE is loaded (SD, SDXL, a tiny random one) and costs one matmul per step.
+"tiny" decodes x0 with the model's tiny decoder (TAESD; `Pipeline.tiny_decoder`): close to the real image
+at a small fraction of a VAE decode (reference/performance.md §1).
 "full" decodes x0 with the VAE (exact, but a full decode per preview: fine for small models only).
+"auto" (the default) is "tiny" for a model that has a tiny decoder, else "approx".
+Decoding modes skip a step's preview until `min_interval` seconds, and at least 3x the last decode's own
+time, have passed, so previews never cost more than about a quarter of the job.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..models.taesd import decode_tiny
 from ..models.vae import decode_latents
 
-PREVIEW_MODES = ("approx", "full", "none")
+PREVIEW_MODES = ("auto", "approx", "tiny", "full", "none")
 PREVIEW_MAX_SIDE = 256
 
 
@@ -55,14 +61,20 @@ def _to_png(rgb: Tensor, width: int, height: int) -> bytes:
 
 
 class Previewer:
-    """Turns the callback's x0 into PNG bytes; `min_interval` seconds between two previews ("full" only)."""
+    """Turns the callback's x0 into PNG bytes; decoding modes ("tiny", "full") rate-limit themselves."""
 
-    def __init__(self, pipe, mode: str = "approx", min_interval: float = 0.5):
+    def __init__(self, pipe, mode: str = "auto", min_interval: float = 0.5):
         if mode not in PREVIEW_MODES:
             raise ValueError(f"preview mode must be one of {', '.join(PREVIEW_MODES)}, got {mode!r}")
+        tiny = getattr(pipe, "tiny_decoder", None)
+        if mode == "auto":
+            mode = "tiny" if tiny is not None else "approx"
+        if mode == "tiny" and tiny is None:
+            raise ValueError(f"preview 'tiny' needs a tiny decoder for {getattr(pipe, 'name', 'this model')}; load "
+                             "one (--tiny-decoder PATH) or use --preview approx")
         self.pipe, self.mode, self.min_interval = pipe, mode, min_interval
         self.matrix = fit_latent_rgb(pipe) if mode == "approx" else None
-        self._last = 0.0
+        self._next = 0.0  # monotonic time before which decoding modes skip a preview
 
     @torch.no_grad()
     def __call__(self, x0: Tensor, width: int, height: int, last: bool = False) -> bytes | None:
@@ -74,9 +86,15 @@ class Previewer:
             w = self.matrix
             rgb = torch.einsum("chw,ck->khw", lat[0], w[:-1]) + w[-1].view(3, 1, 1)
             return _to_png(rgb, width, height)
-        now = time.monotonic()
-        if not last and now - self._last < self.min_interval:
+        start = time.monotonic()
+        if not last and start < self._next:
             return None
-        self._last = now
-        vae = self.pipe.parts.vae  # where it is now (with model offload: on the CPU during sampling)
-        return _to_png(decode_latents(vae, lat.to(next(vae.parameters()).device)).images[0], width, height)
+        if self.mode == "tiny":
+            tiny = self.pipe.tiny_decoder
+            rgb = decode_tiny(tiny, lat.to(next(tiny.parameters()).device)).images[0]
+        else:
+            vae = self.pipe.parts.vae  # where it is now (with model offload: on the CPU during sampling)
+            rgb = decode_latents(vae, lat.to(next(vae.parameters()).device)).images[0]
+        took = time.monotonic() - start
+        self._next = start + max(self.min_interval, 4 * took)  # decode time ≤ 1/4 of the wall time
+        return _to_png(rgb, width, height)

@@ -35,6 +35,32 @@ class Latents(BaseModel):
     data: Annotated[str, Field(description="base64 of the float32 values")]
 
 
+class LoraIn(BaseModel):
+    """A LoRA of the server's --lora-dir, by file name (no paths)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: Name
+    strength: float = Field(1.0, ge=-100.0, le=100.0, description="the UNet's strength")
+    text_strength: float | None = Field(None, ge=-100.0, le=100.0, description="the text encoders'; null: strength")
+
+
+class HiresIn(BaseModel):
+    """A1111's hires fix (stablexl.request.Hires): a second, larger image-to-image pass after the first."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    scale: float = Field(2.0, ge=1.0, le=8.0, description="target = int(width·scale) x int(height·scale)")
+    resize: Pair | None = Field(None, description="(width, height) instead of scale; a 0 side keeps the aspect")
+    upscaler: Name = Field("Latent", description="a latent mode (GET /sdapi/v1/latent-upscale-modes), Lanczos or "
+                                                 "Nearest")
+    steps: int | None = Field(None, ge=0, le=10_000, description="second-pass steps; null or 0: the first pass's")
+    strength: float = Field(0.7, gt=0.0, le=1.0, description="denoising strength of the second pass")
+    sampler: Name | None = None
+    schedule: Name | None = None
+    prompt: Text | None = Field(None, description="null: the first pass's")
+    negative_prompt: Text | None = Field(None, description="null: the first pass's")
+    cfg: float | None = Field(None, ge=0.0, le=100.0)
+
+
 class GenerateRequest(BaseModel):
     """Every option of `Pipeline.__call__` / `Pipeline.refine`; null means the model's default."""
 
@@ -84,6 +110,11 @@ class GenerateRequest(BaseModel):
     image_prompt: Image64 | None = None
     noise_level: int = Field(0, ge=0, le=999)
     vae_tile: int | None = Field(None, ge=16, le=1024, description="decode in tiles of this many latents")
+    decoder: Literal["full", "tiny"] | None = Field(None, description="final decode: the VAE (full, the default) or "
+                                                                 "the model's tiny decoder (faster, lossy)")
+    loras: list[LoraIn] = Field([], max_length=64, description="LoRAs of --lora-dir to apply (prompt tags "
+                                                                "<lora:NAME:W> are added to these)")
+    hires: HiresIn | None = Field(None, description="hires fix: upscale the first pass and run a second one")
 
 
 class Progress(BaseModel):

@@ -1,4 +1,4 @@
-"""From command-line options to a task and a run: `stablexl train {clip,vae,unet}` lands here."""
+"""From command-line options to a task and a run: `stablexl train {clip,vae,unet,lora}` lands here."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ TASK_DEFAULTS = {
     "unet": {"lr": 1e-4, "ema_decay": 0.9999},
     "vae": {"lr": 4.5e-6, "ema_decay": 0.999},
     "clip": {"lr": 5e-4, "ema_decay": 0.0},
+    "lora": {"lr": 1e-4, "ema_decay": 0.0},  # kohya's usual unet_lr; no EMA
 }
 
 
@@ -99,17 +100,40 @@ def build_task(a: argparse.Namespace):
                                lpips_vgg=a.lpips_vgg, lpips_lin=a.lpips_lin, disc_start=a.disc_start,
                                disc_weight=a.disc_weight, disc_ndf=a.disc_ndf)
         return VAETask(vae, make_data(a), opts, grad_accum=a.grad_accum)
-    from .unet import UNetTask, UNetTrainOptions
+    if a.task == "lora":
+        return _lora_task(a)
+    from .unet import UNetTask
 
-    parts = _unet_parts(a)
-    opts = UNetTrainOptions(
+    return UNetTask(_unet_parts(a), make_data(a), _unet_options(a))
+
+
+def _unet_options(a: argparse.Namespace):
+    """The SDXL recipe's options, shared by `train unet` and `train lora`."""
+    from .unet import UNetTrainOptions
+
+    return UNetTrainOptions(
         prediction=a.prediction, dropout_text=a.dropout_text, dropout_original_size=a.dropout_size,
         dropout_crop=a.dropout_crop, dropout_target_size=a.dropout_target,
         size_conditioning=not a.no_size_conditioning, offset_noise=a.offset_noise,
         min_snr_gamma=a.min_snr_gamma, cache_latents=a.cache_latents, cache_text=not a.no_cache_text,
         sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps,
         gradient_checkpointing=a.gradient_checkpointing)
-    return UNetTask(parts, make_data(a), opts)
+
+
+def _lora_task(a: argparse.Namespace):
+    """LoRA on trained weights: a checkpoint / diffusers folder / HF cache id, "mini", or a tiny-* preset (its
+    seed-0 weights, the same as `Pipeline.from_pretrained` gives), loaded in fp32."""
+    from ..pipeline import Pipeline
+    from .lora import LoraOptions, LoraTask
+
+    if a.fsdp:
+        raise ValueError("--fsdp is not supported for LoRA training (the factors are small: use DDP)")
+    parts = Pipeline.from_pretrained(a.model, device="cpu", dtype="fp32").parts
+    modules = tuple(m.strip() for m in a.modules.split(",") if m.strip())
+    lora = LoraOptions(rank=a.rank, alpha=a.rank if a.alpha is None else a.alpha, modules=modules,
+                       conv_rank=a.conv_rank, conv_alpha=a.conv_alpha, text_encoders=a.text_encoders,
+                       save_dtype=a.save_dtype, output_name=a.output_name)
+    return LoraTask(parts, make_data(a), _unet_options(a), lora, seed=a.seed, model_name=Path(a.model).name)
 
 
 def _unet_parts(a: argparse.Namespace):

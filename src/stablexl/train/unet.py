@@ -132,7 +132,7 @@ class UNetTask:
         if not self.opt.size_conditioning:
             original_size = target
         for j, v in enumerate((original_size, crop, target), start=1):
-            parts.append(micro_embedding(v) * keep[:, j:j + 1])  # (B, 2·256) each
+            parts.append(micro_embedding(v, self.parts.config.unet.micro_dim) * keep[:, j:j + 1])  # (B, 2·256) each
         return Conditioning(context, torch.cat(parts, dim=1))
 
     # -- latents ------------------------------------------------------------------------------------

@@ -261,6 +261,14 @@ function requestBody() {
   if (target) body.target_size = target;
   body.crop = [num("crop_top") || 0, num("crop_left") || 0];
   const m = mode();
+  if (m === "txt2img" && $("hires_enable").checked) {
+    body.hires = {
+      scale: num("hires_scale") ?? 2,
+      upscaler: $("hires_upscaler").value,
+      steps: num("hires_steps"),
+      strength: num("hires_strength") ?? 0.7,
+    };
+  }
   if (m !== "txt2img") {
     if (!state.imageLoaded) {
       markInvalid("init_image");
@@ -469,6 +477,13 @@ function reuseSettings(s) {
   Object.entries({ original_h: oh, original_w: ow, target_h: th, target_w: tw, crop_top: ct, crop_left: cl })
     .forEach(([id, v]) => { $(id).value = v; });
   if (s.strength !== null && s.strength !== undefined) $("strength").value = s.strength;
+  $("hires_enable").checked = Boolean(s.hires);
+  if (s.hires) {
+    $("hires_scale").value = s.hires.scale;
+    $("hires_upscaler").value = s.hires.upscaler;
+    $("hires_steps").value = s.hires.steps ?? "";
+    $("hires_strength").value = s.hires.strength;
+  }
   $("prompt").focus();
   $("status").textContent = `settings of seed ${s.seed} loaded`;
 }
