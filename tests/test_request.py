@@ -190,7 +190,7 @@ BAD = [
 @pytest.mark.parametrize("sampler,schedule,want", [
     ("DPM2 Karras", None, True), ("DPM2 a", "karras", True), ("DPM++ 3M SDE Exponential", None, True),
     ("dpm_2", "leading", False), ("dpm_2_ancestral", "trailing", False), ("euler", "karras", False),
-    ("DPM++ 2M Karras", None, False),
+    ("DPM++ 2M Karras", None, False), ("uni_pc", "normal", True), ("uni_pc_bh2", "trailing", False),
 ])
 def test_discard_penultimate_follows_the_peers(sampler, schedule, want):
     r = resolve(GenerationRequest("x", sampler=sampler, schedule=schedule), PRESETS["tiny-sdxl"])

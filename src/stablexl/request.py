@@ -162,8 +162,8 @@ class GenerationRequest:
     schedule: str | None = None
     sigmas: tuple[float, ...] | None = None  # a custom σ schedule (descending; 0 appended), instead of `schedule`
     eta: float | None = None  # the stochastic samplers' noise amount (DDIM η, ancestral / SDE η); None: each one's own
-    # drop the schedule's next-to-last σ (steps + 1 levels made), as A1111 and ComfyUI do for DPM2 (a) and
-    # DPM++ 3M SDE (names.DISCARD_PENULTIMATE); None: do so for those samplers on the peers' schedules
+    # drop the schedule's next-to-last σ (steps + 1 levels made), as A1111 and ComfyUI do for DPM2 (a),
+    # DPM++ 3M SDE and UniPC (names.DISCARD_PENULTIMATE); None: do so for those samplers on the peers' schedules
     # (karras, exponential, normal, ...), never on diffusers' spacings (leading / trailing / linspace)
     discard_penultimate: bool | None = None
     batch: int = 1

@@ -88,7 +88,8 @@ def test_multistep_samplers_match_diffusers(sdxl_folder, case):
     def watch(i, n, x, x0):  # VE at σ_{i+1} -> diffusers' VP latents
         got_steps.append(x / math.sqrt(1 + float(sigmas[i + 1]) ** 2))
 
-    ours = dict(sigmas=sigmas[:-1].tolist()) if schedule == "custom" else dict(steps=steps, schedule=schedule)
+    ours = (dict(sigmas=sigmas[:-1].tolist()) if schedule == "custom"
+            else dict(steps=steps, schedule=schedule, discard_penultimate=False))  # diffusers keeps every level
     got = Pipeline.from_pretrained(sdxl_folder)("a red apple", cfg=5.0, seed=seeds[0], batch=len(seeds), width=64,
                                                 height=64, sampler=sampler, eta=eta, callback=watch, **ours)
     assert len(got_steps) == len(want_steps) == steps
