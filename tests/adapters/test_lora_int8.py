@@ -89,9 +89,9 @@ def test_runtime_equals_merge_into_dequantised_twin(tiny8, fp32, tmp_path, kind)
 
 
 def _layer(pipe, key):
-    from stablexl.adapters.lora import _split_target
+    from stablexl.adapters.lora import layer_path
 
-    comp, path = _split_target(key)
+    comp, path = layer_path(key)
     return pipe.parts.modules()[comp].get_submodule(path)
 
 

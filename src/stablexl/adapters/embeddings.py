@@ -33,10 +33,9 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from ..io.checkpoint import CheckpointError, SafetensorsSource
 from ..models.tokenizer import AddedTokens
 from ..names import nearest_names
-from .tags import PICKLES, LoraFolder, TagError, check_name
+from .tags import LoraFolder, TagError, check_name, read_adapter_file
 
 MAX_VECTORS = 75  # one 75-token chunk (prompts.CHUNK_TOKENS); A1111 refuses more in a single chunk as well
 # `embedding:NAME` (ComfyUI): NAME runs to the next space, comma, bracket or ':' (ComfyUI splits words on spaces;
@@ -85,24 +84,9 @@ class EmbeddingTable:
 
 def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and header metadata of a safetensors embedding; pickles are refused, never unpickled."""
-    path = Path(path)
-    refused = (f"{path}: this is a pickled PyTorch file, which can run arbitrary code when loaded, so it is refused. "
-               "Convert it to .safetensors in a trusted environment (torch.load, then safetensors.torch.save_file "
-               "with its string_to_param tensor as 'emb_params'), or download a .safetensors version.")
-    if path.suffix.lower() in PICKLES:
-        raise EmbeddingError(refused)
-    if not path.is_file():
-        raise EmbeddingError(f"{path}: no such file")
-    try:
-        src = SafetensorsSource(path)
-        return {k: src.get(k) for k in src.keys()}, dict(src.metadata)
-    except CheckpointError as e:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        # a zip (torch.save since PyTorch 1.6) or a raw pickle stream (protocol 2-5 starts 0x80, protocol)
-        if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-            raise EmbeddingError(refused) from None
-        raise EmbeddingError(str(e)) from None
+    return read_adapter_file(path, EmbeddingError, "Convert it to .safetensors in a trusted environment (torch.load, "
+                             "then safetensors.torch.save_file with its string_to_param tensor as 'emb_params'), or "
+                             "download a .safetensors version.")
 
 
 def file_layout(tensors: dict[str, Tensor]) -> dict[str, Tensor] | Tensor:

@@ -37,9 +37,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..io.checkpoint import CheckpointError, SafetensorsSource, atomic_save_safetensors
+from ..io.checkpoint import atomic_save_safetensors
 from ..io.keymaps import hf_clip_text_rules, ldm_unet_rules
 from ..quant import QuantizedLinear
+from .tags import read_adapter_file
 
 
 class LoraError(ValueError):
@@ -178,24 +179,8 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors and the header metadata of a safetensors LoRA; pickles are refused, never unpickled."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoraError(f"{path}: no such file")
-    refused = (f"{path}: this is a pickled PyTorch file, which can run arbitrary code when loaded, so it is refused. "
-               "Use a .safetensors version of this LoRA (most are published as one), or convert it yourself in a "
-               "trusted environment.")
-    if path.suffix.lower() in (".pt", ".ckpt", ".pth", ".bin", ".pkl"):
-        raise LoraError(refused)
-    try:
-        src = SafetensorsSource(path)
-        return {k: src.get(k) for k in src.keys()}, dict(src.metadata)
-    except CheckpointError as e:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        # a zip (torch.save since PyTorch 1.6) or a raw pickle stream (protocol 2-5 starts 0x80, protocol)
-        if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-            raise LoraError(refused) from None
-        raise LoraError(f"{e}") from None
+    return read_adapter_file(path, LoraError, "Use a .safetensors version of this LoRA (most are published as one), "
+                             "or convert it yourself in a trusted environment.")
 
 
 # ==================================================================================================
@@ -585,7 +570,7 @@ class LoraStack:
                 sig = tuple((a.lora.uid, s) for a, s in plan.get(key, ()))
                 if self._merged.get(key, ()) == sig:
                     continue
-                comp, path = _split_target(key)
+                comp, path = layer_path(key)
                 layer = modules[comp].get_submodule(path)
                 if isinstance(layer, QuantizedLinear):  # not merged: terms added in its forward
                     layer.lora_terms = runtime_terms(layer, [(a.lora.layers[key], s) for a, s in plan.get(key, ())])
@@ -634,8 +619,8 @@ def runtime_terms(layer: QuantizedLinear, deltas: Sequence[tuple[Delta, float]])
     return terms
 
 
-def _split_target(key: str) -> tuple[str, str]:
-    """Layer key -> (component, module path)."""
+def layer_path(key: str) -> tuple[str, str]:
+    """Our layer key -> (component, module path): "text_encoders.1.encoder..." -> ("text_encoders.1", "encoder...")."""
     if key.startswith("text_encoders."):
         i, _, rest = key[len("text_encoders."):].partition(".")
         return f"text_encoders.{i}", rest
@@ -656,7 +641,7 @@ def save_lora(path: str | Path, parts, layers: dict[str, tuple[Tensor, Tensor, f
     text encoders (networks/lora.py); `ss_base_model_version` is set for SDXL as kohya sets it."""
     out: dict[str, Tensor] = {}
     for key, (down, up, alpha) in layers.items():
-        comp, module = _split_target(key)
+        comp, module = layer_path(key)
         n = kohya_name(Target(comp, module), parts)
         out[f"{n}.lora_down.weight"] = down.contiguous()
         out[f"{n}.lora_up.weight"] = up.contiguous()

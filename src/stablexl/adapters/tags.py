@@ -23,7 +23,7 @@ from ..names import nearest_names
 
 TAG = re.compile(r"<(lora|lyco):([^>]+)>")
 EXTENSIONS = (".safetensors",)
-PICKLES = (".pt", ".ckpt", ".pth", ".bin")
+PICKLES = (".pt", ".ckpt", ".pth", ".bin", ".pkl")
 MAX_STRENGTH = 100.0  # ComfyUI's LoraLoader range is ±100
 
 
@@ -173,3 +173,27 @@ def read_metadata(path: Path) -> dict:
                 pass
         out[k] = v
     return out
+
+
+def read_adapter_file(path: str | os.PathLike, error: type[Exception], advice: str):
+    """All tensors and the header metadata of a safetensors adapter file (a LoRA, an embedding). A pickle is
+    refused, never unpickled: by its extension, or by its zip / pickle magic bytes when the safetensors check
+    fails (a renamed .pt). `error` is raised with the reason; `advice` says how to get a safetensors file."""
+    from ..io.checkpoint import CheckpointError, SafetensorsSource
+
+    path = Path(path)
+    refused = f"{path}: this is a pickled PyTorch file, which can run arbitrary code when loaded, so it is refused. {advice}"
+    if path.suffix.lower() in PICKLES:
+        raise error(refused)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    try:
+        src = SafetensorsSource(path)
+        return {k: src.get(k) for k in src.keys()}, dict(src.metadata)
+    except CheckpointError as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # a zip (torch.save since PyTorch 1.6) or a raw pickle stream (protocol 2-5 starts 0x80, protocol)
+        if head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            raise error(refused) from None
+        raise error(str(e)) from None

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..adapters.lora import Target, kohya_name, save_lora
+from ..adapters.lora import Target, kohya_name, layer_path, save_lora
 from ..models.conditioning import encode_text
 from .data import TrainData
 from .loop import Context, OptimizerSpec
@@ -47,15 +47,6 @@ def unet_group(path: str) -> str | None:
     if ".resnets." in path and path.endswith(_CONV) or path.endswith(("downsamplers.0.conv", "upsamplers.0.conv")):
         return "conv"
     return None
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """Our layer key -> (component, module path): "text_encoders.1.encoder..." -> ("text_encoders.1", "encoder...")."""
-    if key.startswith("text_encoders."):
-        i, _, path = key[len("text_encoders."):].partition(".")
-        return f"text_encoders.{i}", path
-    comp, _, path = key.partition(".")
-    return comp, path
 
 
 class LoraFactors(nn.Module):
@@ -111,7 +102,7 @@ class LoraNetwork(nn.Module):
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original)
         comps = set()
         for key, (rank, alpha) in targets.items():
-            comp, path = split_key(key)
+            comp, path = layer_path(key)
             owner = modules[comp]
             base = owner.get_submodule(path)
             if type(base) not in (nn.Linear, nn.Conv2d):
