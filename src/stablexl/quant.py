@@ -19,6 +19,7 @@ Which kernel multiplies, chosen once per device (`int8_kernel`):
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -32,15 +33,20 @@ INT8_MAX = 127
 
 
 def int8_kernel(device: torch.device) -> str:
-    """The int8 matmul kernel for `device` (see the module docstring)."""
-    forced = os.environ.get("STABLEXL_INT8_KERNEL")
+    """The int8 matmul kernel for `device` (see the module docstring). Called by every int8 layer's forward:
+    the CPU probe is cached, only the environment override is read each time."""
+    return _kernel(device.type, os.environ.get("STABLEXL_INT8_KERNEL") or None)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_type: str, forced: str | None) -> str:
     if forced:
         if forced not in KERNELS:
             raise ValueError(f"STABLEXL_INT8_KERNEL={forced!r}; use one of {', '.join(KERNELS)}")
         return forced
-    if device.type == "cuda":
+    if device_type == "cuda":
         return "int_mm"
-    if device.type != "cpu":
+    if device_type != "cpu":
         return "dequant"
     if torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported():
         return "int_mm"

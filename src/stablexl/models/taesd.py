@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import TinyAutoencoderConfig
-from .vae import DecodeResult
+from .vae import DecodeResult, decode_in_fp32
 
 
 def conv3(cin: int, cout: int, **kw) -> nn.Conv2d:
@@ -138,10 +138,4 @@ def decode_tiny(model: AutoencoderTiny, latents: Tensor) -> DecodeResult:
         return DecodeResult(images.float(), upcast=False)
     if model.dtype == torch.float32:
         raise FloatingPointError("tiny decoder produced NaN/inf in float32: the latents themselves are not finite")
-    original = model.dtype
-    try:
-        model.to(torch.float32)
-        images = model.decode(latents.float())
-    finally:
-        model.to(original)
-    return DecodeResult(images.float(), upcast=True)
+    return DecodeResult(decode_in_fp32(model, latents).float(), upcast=True)

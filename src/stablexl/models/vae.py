@@ -179,6 +179,17 @@ class DecodeResult:
     upcast: bool  # True when reduced-precision decoding gave non-finite values and was redone in fp32
 
 
+def decode_in_fp32(model: nn.Module, z: Tensor) -> Tensor:
+    """`model.decode(z)` with the weights in float32 for this one call (the retry after a non-finite
+    reduced-precision decode), then back to their dtype."""
+    original = model.dtype
+    try:
+        model.to(torch.float32)
+        return model.decode(z.float())
+    finally:
+        model.to(original)
+
+
 def decode_latents(vae: AutoencoderKL, latents: Tensor, tile: int | None = None, overlap: int | None = None) -> DecodeResult:
     """Decode *scaled* latents (as the diffusion model sees them), never returning NaN/black images.
 
@@ -199,12 +210,7 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor, tile: int | None = None,
                 "are corrupt; check the sampler output and the checkpoint"
             )
         log.warning("VAE decode in %s gave non-finite values; redoing it in float32", vae.dtype)
-        original = vae.dtype
-        try:
-            vae.to(torch.float32)
-            images = vae.decode(z.float())
-        finally:
-            vae.to(original)
+        images = decode_in_fp32(vae, z)
         if not torch.isfinite(images).all():
             raise FloatingPointError("VAE decode is not finite even in float32: the latents contain NaN/inf")
         return DecodeResult(images.float(), upcast=True)
