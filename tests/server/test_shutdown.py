@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -22,9 +23,13 @@ def _port() -> int:
 
 def _start(port: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The server's log goes to a file, never an undrained pipe: uvicorn logs every request, and once 64 KiB of
+    # access lines fill a pipe nobody reads, the write blocks the event loop and every request hangs.
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "stablexl", "serve", "--model", "tiny-sdxl", "--port", str(port),
                              "--preview", "none", "--max-steps", "2000", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -33,7 +38,8 @@ def _start(port: int, *extra: str) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()}")
+            log.seek(0)
+            raise AssertionError(f"server exited early:\n{log.read()}")
         time.sleep(0.2)
     proc.kill()
     raise AssertionError("server did not start")
