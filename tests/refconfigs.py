@@ -72,3 +72,35 @@ def rel_err(got, want) -> float:
     assert got.shape == want.shape, (got.shape, want.shape)
     assert want.float().abs().max() > 0 and want.float().std() > 0, "reference output is degenerate"
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+# Detection of official single files from their keys and shapes alone (no weights)
+
+
+class KeysOnly:
+    """A TensorSource stand-in with keys and shapes only (enough for detection)."""
+
+    def __init__(self, shapes):
+        self.shapes, self.path, self.metadata = shapes, "keys-only.safetensors", {}
+
+    def keys(self):
+        return list(self.shapes)
+
+    def __contains__(self, key):
+        return key in self.shapes
+
+    def shape(self, key):
+        return tuple(self.shapes[key])
+
+
+def single_file_keys(config):
+    from stablexl.io.keymaps import foreign_shape, single_file_layout
+    from stablexl.models.parts import build_parts as _build_parts
+
+    parts = _build_parts(config, device="meta")
+    mods, shapes = parts.modules(), {}
+    for comp in single_file_layout(config):
+        sd = {k: tuple(v.shape) for k, v in mods[comp.component].state_dict().items()}
+        for rule in comp.rules(config, list(sd)):
+            shapes[comp.prefix + rule.theirs] = foreign_shape(rule, [sd[k] for k in rule.ours])
+    return shapes

@@ -334,7 +334,7 @@ def _train(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     from .train.run import TASK_DEFAULTS, load_config_file
 
-    t = sub.add_parser("train", help="train a CLIP, a VAE, a UNet or a LoRA", description=(
+    t = sub.add_parser("train", help="train a CLIP, a VAE, a UNet or a LoRA, or distil a UNet (ADD)", description=(
         "Train one part of a model. Runs as it is under `torchrun --nproc_per_node N` (DDP). "
         "Writes OUTPUT/log.jsonl, loss.png, samples/, state-*.safetensors (resumable) and the final weights."))
     tsub = t.add_subparsers(dest="task", required=True, parser_class=_Parser)
@@ -342,7 +342,9 @@ def _add_train(sub) -> None:
                        ("vae", "KL-f8 autoencoder: L1 + perceptual + KL + PatchGAN (writes vae.safetensors)"),
                        ("unet", "diffusion UNet with the SDXL recipe (writes model.safetensors)"),
                        ("lora", "LoRA on a frozen model, UNet and optionally text towers, with the UNet's SDXL "
-                                "recipe (writes a kohya-format lora.safetensors)")):
+                                "recipe (writes a kohya-format lora.safetensors)"),
+                       ("add", "Adversarial Diffusion Distillation: a 1-4-step student from a teacher, with a "
+                               "discriminator on a frozen ViT's features (writes model.safetensors)")):
         a = tsub.add_parser(task, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         d = TASK_DEFAULTS[task]
         g = a.add_argument_group("run")
@@ -388,6 +390,10 @@ def _add_train(sub) -> None:
                        help="drop images whose original area (before any upscaling) is below this squared, the "
                             "SDXL paper's discard-small-images baseline (0: keep all)")
         g = a.add_argument_group(task)
+        if task == "add":
+            _add_add_options(g)
+            a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
+            continue
         g.add_argument("--model", default="mini", help={
             "unet": "preset architecture (random init) or checkpoint to start from",
             "lora": "the frozen model: checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature) "
@@ -434,6 +440,30 @@ def _add_train(sub) -> None:
             g.add_argument("--disc-weight", type=float, default=0.5, help="GAN term weight")
             g.add_argument("--disc-ndf", type=int, default=64, help="discriminator base width")
         a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
+
+
+def _add_add_options(g) -> None:
+    from .train.add import STUDENT_TIMESTEPS, WEIGHT_SCHEDULES
+
+    g.add_argument("--teacher", default="mini", help="the model to distil: checkpoint file, diffusers folder, 'mini' "
+                                                     "or a tiny-* preset; the student starts from its weights")
+    g.add_argument("--features", default="mini", help="the discriminator's frozen ViT: 'mini' (the miniature's CLIP "
+                                                      "image tower), a clip.safetensors, or a local transformers CLIP folder")
+    g.add_argument("--student-timesteps", default=",".join(map(str, STUDENT_TIMESTEPS)),
+                   help="the timesteps the student is trained at (the trailing 4-step list)")
+    g.add_argument("--teacher-cfg", type=float, default=3.0, help="the teacher's CFG scale for its targets")
+    g.add_argument("--distill-weight", type=float, default=2.5, help="λ, the distillation loss weight (0: adversarial only)")
+    g.add_argument("--adv-weight", type=float, default=1.0, help="adversarial loss weight (0: distillation only)")
+    g.add_argument("--weight-schedule", choices=WEIGHT_SCHEDULES, default="exponential",
+                   help="c(t) of the distillation loss: α_t, α_t/(2σ_t) or 1")
+    g.add_argument("--distill-space", choices=["pixel", "latent"], default="pixel",
+                   help="distillation loss on decoded images (the paper) or on latents (no teacher decode)")
+    g.add_argument("--r1-gamma", type=float, default=1e-5, help="R1 penalty weight on the heads' input features")
+    g.add_argument("--disc-lr", type=float, default=1e-4, help="discriminator heads' learning rate")
+    g.add_argument("--reals", choices=["roundtrip", "raw"], default="roundtrip",
+                   help="the discriminator's real images: VAE round trips of the latents, or the dataset pixels")
+    g.add_argument("--no-augment", action="store_true", help="no translation / cutout before the discriminator")
+    g.add_argument("--sample-prompt", action="append", default=None, help="prompt for sample grids (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -442,6 +442,10 @@ MINI_VISION = CLIPVisionConfig(image_size=64, patch_size=8, width=128, layers=4,
 MINI_SAMPLING = SamplingDefaults(steps=30, cfg=5.0, sampler="dpmpp_2m", schedule="karras")
 # SDXL-Turbo / SD-Turbo (ADD students): 1-4 steps, trailing spacing, no CFG (Sauer et al. 2023, model card)
 TURBO_SAMPLING = SamplingDefaults(steps=1, cfg=0.0, sampler="euler_ancestral", schedule="trailing")
+# What `stablexl train add` writes into its students: the same, with the sampler that re-noises fully between
+# steps (predict x0, re-noise to the next trailing level), which is what the student saw in training at
+# 2-4 steps (reference/distillation.md §1.6); at 1 step the two are the same.
+FEW_STEP_SAMPLING = SamplingDefaults(steps=1, cfg=0.0, sampler="lcm", schedule="trailing")
 MINI = ModelConfig(
     name="mini", family="sdxl-base", resolution=64, sampling=MINI_SAMPLING,
     vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scaling_factor=0.13025),
@@ -467,6 +471,23 @@ PRESETS: dict[str, ModelConfig] = {
               TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI)
 }
 PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512, sampling=TURBO_SAMPLING)
+
+
+def as_turbo(config: ModelConfig) -> ModelConfig:
+    """An ADD student of `config`'s architecture (SDXL-Turbo from SDXL base, SD-Turbo from SD 2.1): the same
+    networks, ε-prediction, 512 px, and the Turbo sampling defaults (reference/architecture.md §7)."""
+    name = {"sdxl-base": "sdxl-turbo", "sd21": "sd-turbo"}.get(config.name, config.name + "-turbo")
+    return dataclasses.replace(config, name=name, prediction="eps",
+                               resolution=512, sampling=TURBO_SAMPLING)
+
+
+def looks_like_turbo(file_name: str, metadata: dict[str, str]) -> bool:
+    """How an official single file is recognised as SDXL-Turbo / SD-Turbo, whose weights have the teacher's exact
+    layout: "turbo" in its file name (sd_xl_turbo_1.0_fp16.safetensors, sd_turbo.safetensors) or in its ModelSpec
+    title / architecture metadata. Our own files carry the defaults in their config; diffusers folders in their
+    scheduler config (io/diffusers_format.py `sampling_from_scheduler`)."""
+    fields = [file_name] + [metadata.get(k, "") for k in ("modelspec.title", "modelspec.architecture")]
+    return any("turbo" in f.lower() for f in fields)
 
 
 def preset(name: str) -> ModelConfig:

@@ -250,7 +250,7 @@ class Pipeline:
                         quantize_text: bool = False, embeddings_dir: str | os.PathLike | None = None,
                         **unknown) -> "Pipeline":
         """A checkpoint path / diffusers folder / HF cache id, "mini" (the shipped miniature, trained on emoji
-        art), or a `tiny-*` preset (random weights, for tests).
+        art) or "mini-turbo" (its 1-step ADD student), or a `tiny-*` preset (random weights, for tests).
 
         `device`: auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps. `dtype`: auto (fp16 on CUDA/MPS,
         fp32 on the CPU, whatever the file stores) | fp32 | fp16 | bf16. `offload`: none | model | sequential
@@ -275,10 +275,12 @@ class Pipeline:
             raise ValueError("quantize_text=True needs quantize='int8'")
         load_device = dev if offload == "none" else torch.device("cpu")
         name = str(name_or_path)
-        if name == "mini" and not os.path.exists(name):  # the shipped miniature (stablexl/assets/mini)
-            from .mini.weights import load_mini_parts
+        from .mini.weights import SHIPPED
 
-            parts = load_mini_parts(dtype=compute)
+        if name in SHIPPED and not os.path.exists(name):  # the shipped miniature and its variants (assets/mini)
+            from .mini.weights import load_shipped
+
+            parts = load_shipped(name, dtype=compute)
         elif name in PRESETS and not os.path.exists(name):
             if not name.startswith("tiny-"):
                 raise ValueError(f"preset {name!r} names an architecture, not weights; pass the path of its checkpoint "

@@ -14,7 +14,6 @@ import refconfigs as R
 from stablexl.config import SDXL_BASE, TINY_SDXL
 from stablexl.io import diffusers_format as dfmt
 from stablexl.io.checkpoint import CheckpointError
-from stablexl.io.keymaps import foreign_shape, single_file_layout
 from stablexl.io.models import detect_single_file, load_component, load_model, save_model
 from stablexl.models.conditioning import micro_embedding
 from stablexl.models.parts import build_parts
@@ -108,30 +107,7 @@ def test_unet_single_file_matches_diffusers(kind, tmp_path):
     assert R.rel_err(*outputs(back.unet, ref)) <= 1e-5
 
 
-class KeysOnly:
-    """A TensorSource stand-in with keys and shapes only (enough for detection)."""
-
-    def __init__(self, shapes):
-        self.shapes, self.path, self.metadata = shapes, "keys-only.safetensors", {}
-
-    def keys(self):
-        return list(self.shapes)
-
-    def __contains__(self, key):
-        return key in self.shapes
-
-    def shape(self, key):
-        return tuple(self.shapes[key])
-
-
-def single_file_keys(config):
-    parts = build_parts(config, device="meta")
-    mods, shapes = parts.modules(), {}
-    for comp in single_file_layout(config):
-        sd = {k: tuple(v.shape) for k, v in mods[comp.component].state_dict().items()}
-        for rule in comp.rules(config, list(sd)):
-            shapes[comp.prefix + rule.theirs] = foreign_shape(rule, [sd[k] for k in rule.ours])
-    return shapes
+KeysOnly, single_file_keys = R.KeysOnly, R.single_file_keys
 
 
 SSD1B_UNET = dataclasses.replace(  # segmind/SSD-1B unet/config.json's depths (as ComfyUI's SSD1B detects them)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import (
-    CLIPTextConfig, CLIPVisionConfig, ModelConfig, TextEncoderSpec, UNetConfig, UnCLIPConfig, VAEConfig,
+    CLIPTextConfig, CLIPVisionConfig, ModelConfig, SamplingDefaults, TextEncoderSpec, UNetConfig, UnCLIPConfig,
+    VAEConfig,
 )
 from .checkpoint import CheckpointError
 
@@ -364,8 +365,26 @@ def model_config_from_folder(root: Path, name: str) -> tuple[ModelConfig, dict[s
         prediction="v" if prediction == "v_prediction" else "eps",
         resolution=8 * int(unet_d.get("sample_size", 64)), unclip=unclip,
         zero_terminal_snr=bool(sched_cfg.get("rescale_betas_zero_snr", False)),
+        sampling=sampling_from_scheduler(sched_cfg),
     )
     return config, index
+
+
+# diffusers scheduler classes -> our sampler names, for the few-step rule below
+_FEW_STEP_SAMPLERS = {"EulerAncestralDiscreteScheduler": "euler_ancestral", "EulerDiscreteScheduler": "euler",
+                      "LCMScheduler": "lcm", "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}
+
+
+def sampling_from_scheduler(sched: dict[str, Any]) -> SamplingDefaults | None:
+    """A distilled (Turbo / ADD) model's defaults from its diffusers scheduler config: trailing spacing on an
+    ε-prediction schedule without zero-SNR rescaling is what the SDXL-Turbo (EulerAncestral) and SD-Turbo (Euler)
+    repositories ship, and what no base model ships (they use leading); v-prediction zero-SNR models also use
+    trailing, but keep CFG and many steps, so they are excluded. None: the family's defaults apply."""
+    sampler = _FEW_STEP_SAMPLERS.get(sched.get("_class_name", ""))
+    if (sampler is None or sched.get("timestep_spacing") != "trailing"
+            or sched.get("prediction_type", "epsilon") != "epsilon" or sched.get("rescale_betas_zero_snr")):
+        return None
+    return SamplingDefaults(steps=1, cfg=0.0, sampler=sampler, schedule="trailing")
 
 
 def text_folders(config: ModelConfig) -> list[tuple[str, str]]:
@@ -436,12 +455,20 @@ def unclip_extra_configs(config: ModelConfig) -> dict[str, dict[str, Any]]:
 
 
 def scheduler_config_for(config: ModelConfig) -> dict[str, Any]:
-    """The DDPM training schedule every SD model shares (reference/architecture.md §5.1)."""
+    """The DDPM training schedule every SD model shares (reference/architecture.md §5.1); few-step models get the
+    trailing spacing and their sampler's class, as the Turbo repositories ship (`sampling_from_scheduler`)."""
+    s = config.sampling
+    few = s is not None and s.schedule == "trailing" and s.cfg <= 1.0 and config.prediction == "eps" \
+        and not config.zero_terminal_snr
+    cls = next((c for c, n in _FEW_STEP_SAMPLERS.items() if few and n == s.sampler), "EulerDiscreteScheduler")
+    if few and cls == "EulerDiscreteScheduler" and s.sampler != "euler":
+        cls = "EulerAncestralDiscreteScheduler"  # a sampler diffusers has no class for: the Turbo default
     return {
-        "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction" if config.prediction == "v" else "epsilon",
-        "timestep_spacing": "leading", "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False,
+        "timestep_spacing": "trailing" if few else "leading", "steps_offset": 1, "interpolation_type": "linear",
+        "use_karras_sigmas": False,
         # as in the hub SD/SDXL scheduler configs, so other schedulers built from this one behave as there
         "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0,
         "rescale_betas_zero_snr": config.zero_terminal_snr,

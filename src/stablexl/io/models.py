@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from ..config import ModelConfig, PRESETS, UNetConfig, preset
+from ..config import ModelConfig, PRESETS, UNetConfig, as_turbo, looks_like_turbo, preset
 from ..models.parts import ModelParts, build_parts
 from . import diffusers_format as dfmt
 from .checkpoint import (
@@ -252,6 +252,8 @@ def detect_single_file(source: TensorSource) -> ModelConfig:
         down = tuple(unet.down_depths(level) for level in range(len(unet.channel_mult)))
         config = dataclasses.replace(config, name=_DERIVATIVES.get(down, "sdxl-base-derivative"))
     config = dataclasses.replace(config, text_encoders=tuple(specs), unet=unet)
+    if config.family in ("sdxl-base", "sd2") and looks_like_turbo(Path(str(source.path)).name, source.metadata):
+        config = as_turbo(config)
     if "v_pred" in source:
         config = dataclasses.replace(config, prediction="v")
     if "ztsnr" in source:

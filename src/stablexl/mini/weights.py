@@ -54,6 +54,59 @@ def load_mini_parts(dtype: torch.dtype = torch.float32, root: Path = ASSET_DIR):
     return parts
 
 
+# Models shipped beside `mini` that share its VAE and text towers: name -> their own UNet's file (fp16, with the
+# variant's whole config in the metadata, so the UNet's shape and sampling defaults come from the file).
+VARIANT_FILES = {"mini-turbo": "turbo-unet.safetensors"}
+SHIPPED = ("mini", *VARIANT_FILES)
+
+
+def load_shipped(name: str, dtype: torch.dtype = torch.float32, root: Path = ASSET_DIR):
+    """`mini` or a variant of it (`mini-turbo`): the variant's UNet and config with mini's other networks."""
+    parts = load_mini_parts(dtype=dtype, root=root)
+    if name == "mini":
+        return parts
+    if name not in VARIANT_FILES:
+        raise ValueError(f"no shipped model {name!r}; shipped: {', '.join(SHIPPED)}")
+    path = root / VARIANT_FILES[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the {name} weights are missing from this install; reinstall stablexl")
+    src = SafetensorsSource(path)
+    info = json.loads(src.metadata.get(KEY, "{}"))
+    if info.get("kind") != "unet-variant":
+        raise CheckpointError(f"{path}: not a shipped UNet variant file (no unet-variant metadata); reinstall stablexl")
+    from ..config import ModelConfig
+    from ..models.unet import UNet
+
+    config = ModelConfig.from_dict(info["config"])
+    if config.vae != parts.config.vae or config.text_encoders != parts.config.text_encoders:
+        raise CheckpointError(f"{path}: {name} was made for another VAE or text towers than this install's mini")
+    with torch.device("meta"):
+        unet = UNet(config.unet)
+    unet.load_state_dict({k: src.get(k).to(dtype) for k in src.keys()}, strict=True, assign=True)
+    parts.unet, parts.config = unet.eval(), config
+    parts.source = path
+    return parts
+
+
+def ship_variant(name: str, model_path: str | Path, out: Path = ASSET_DIR, dtype=torch.float16) -> tuple[int, str]:
+    """Write a variant's UNet file from a model.safetensors (e.g. `stablexl train add`'s) whose VAE and text towers
+    are the shipped mini's own (checked)."""
+    from ..io.models import load_model
+
+    student = load_model(model_path, dtype=torch.float32)
+    mini = load_mini_parts()
+    for what, a, b in [("VAE", student.vae, mini.vae)] + [
+            (f"text tower {i}", x, y) for i, (x, y) in enumerate(zip(student.text_encoders, mini.text_encoders))]:
+        sa, sb = a.state_dict(), b.state_dict()
+        if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k]) for k in sa):
+            raise ValueError(f"{model_path}: its {what} differs from the shipped mini's; a variant shares them")
+    config = dataclasses.replace(student.config, name=name)
+    path = Path(out) / VARIANT_FILES[name]
+    atomic_save_safetensors({k: v.to(dtype) for k, v in student.unet.state_dict().items()}, path,
+                            {KEY: json.dumps({"kind": "unet-variant", "config": config.to_dict()})})
+    return path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def mini_clip(parts=None, root: Path = ASSET_DIR) -> CLIPModel:
     """The mini CLIP (image tower + the pipeline's two text towers), fp32, for `stablexl eval --clip mini`."""
     parts = parts or load_mini_parts(root=root)
@@ -123,12 +176,20 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description="write the shipped miniature's asset files from training outputs")
     p.add_argument("--model", required=True, help="model.safetensors of the UNet run")
-    p.add_argument("--clip", required=True, help="clip.safetensors of the CLIP run the UNet was trained with")
+    p.add_argument("--clip", default=None, help="clip.safetensors of the CLIP run the UNet was trained with")
     p.add_argument("--out", default=str(ASSET_DIR))
     p.add_argument("--from-state", default=None, help="first write --model from this UNet training state (EMA)")
     p.add_argument("--vae", default=None, help="with --from-state: the vae.safetensors the run used")
     p.add_argument("--only-model", action="store_true", help="with --from-state: write --model and stop")
+    p.add_argument("--variant", choices=sorted(VARIANT_FILES), default=None,
+                   help="write this variant's UNet file from --model (a model sharing mini's VAE and text towers)")
     a = p.parse_args(argv)
+    if a.variant:
+        size, sha = ship_variant(a.variant, a.model, Path(a.out))
+        print(f"{VARIANT_FILES[a.variant]}: {size / 1e6:.1f} MB sha256 {sha}")
+        return 0
+    if not a.clip:
+        p.error("--clip is required (except with --variant)")
     if a.from_state:
         if not a.vae:
             p.error("--from-state needs --vae")

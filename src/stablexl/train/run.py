@@ -19,6 +19,7 @@ TASK_DEFAULTS = {
     "vae": {"lr": 4.5e-6, "ema_decay": 0.999},
     "clip": {"lr": 5e-4, "ema_decay": 0.0},
     "lora": {"lr": 1e-4, "ema_decay": 0.0},  # kohya's usual unet_lr; no EMA
+    "add": {"lr": 2e-5, "ema_decay": 0.99},  # reference/distillation.md §3.2
 }
 
 
@@ -102,6 +103,8 @@ def build_task(a: argparse.Namespace):
         return VAETask(vae, make_data(a), opts, grad_accum=a.grad_accum)
     if a.task == "lora":
         return _lora_task(a)
+    if a.task == "add":
+        return _add_task(a)
     from .unet import UNetTask
 
     return UNetTask(_unet_parts(a), make_data(a), _unet_options(a))
@@ -134,6 +137,33 @@ def _lora_task(a: argparse.Namespace):
                        conv_rank=a.conv_rank, conv_alpha=a.conv_alpha, text_encoders=a.text_encoders,
                        save_dtype=a.save_dtype, output_name=a.output_name)
     return LoraTask(parts, make_data(a), _unet_options(a), lora, seed=a.seed, model_name=Path(a.model).name)
+
+
+def _add_task(a: argparse.Namespace):
+    """ADD: the teacher (any checkpoint, "mini" or a tiny-* preset) in fp32, its square full-resolution
+    images (upscaled ones excluded: their blur would be "real" to the discriminator), the frozen ViT."""
+    from ..pipeline import Pipeline
+    from .add import ADDOptions, ADDTask, load_features
+    from .unet import UNetTrainOptions
+
+    if a.fsdp:
+        raise ValueError("--fsdp is not supported for ADD (the teacher and the student are small: use DDP)")
+    _init(a.seed)
+    parts = Pipeline.from_pretrained(a.teacher, device="cpu", dtype="fp32").parts
+    features = load_features(a.features, parts)  # before the data: a wrong path fails in a second
+    res = parts.config.resolution
+    data = make_data(a, square=res)
+    keep = [r for r in data.records if r.size[0] == r.size[1] and tuple(r.original_size or r.size) == tuple(r.size)]
+    if not keep:
+        raise ValueError(f"{a.data}: no square images at their original size to distil on")
+    print(f"ADD: {len(keep)} of {len(data.records)} images (square, not upscaled)")
+    data = TrainData(keep, [(res, res)], a.batch_size, a.seed, data.augment)
+    ts = tuple(int(t) for t in str(a.student_timesteps).split(",") if t.strip())
+    opts = ADDOptions(student_timesteps=ts, teacher_cfg=a.teacher_cfg, distill_weight=a.distill_weight,
+                      adv_weight=a.adv_weight, weight_schedule=a.weight_schedule, distill_space=a.distill_space,
+                      r1_gamma=a.r1_gamma, disc_lr=a.disc_lr, reals=a.reals, augment=not a.no_augment,
+                      sample_prompts=tuple(a.sample_prompt or ()))
+    return ADDTask(parts, data, features, opts, UNetTrainOptions(cache_latents=True))
 
 
 def _unet_parts(a: argparse.Namespace):
