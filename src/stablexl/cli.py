@@ -334,7 +334,7 @@ def _train(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     from .train.run import TASK_DEFAULTS, load_config_file
 
-    t = sub.add_parser("train", help="train a CLIP, a VAE, a UNet or a LoRA, or distil a UNet (ADD)", description=(
+    t = sub.add_parser("train", help="train a CLIP, a VAE, a UNet or a LoRA, or distil a UNet (ADD, LCM)", description=(
         "Train one part of a model. Runs as it is under `torchrun --nproc_per_node N` (DDP). "
         "Writes OUTPUT/log.jsonl, loss.png, samples/, state-*.safetensors (resumable) and the final weights."))
     tsub = t.add_subparsers(dest="task", required=True, parser_class=_Parser)
@@ -344,7 +344,9 @@ def _add_train(sub) -> None:
                        ("lora", "LoRA on a frozen model, UNet and optionally text towers, with the UNet's SDXL "
                                 "recipe (writes a kohya-format lora.safetensors)"),
                        ("add", "Adversarial Diffusion Distillation: a 1-4-step student from a teacher, with a "
-                               "discriminator on a frozen ViT's features (writes model.safetensors)")):
+                               "discriminator on a frozen ViT's features (writes model.safetensors)"),
+                       ("lcm", "Latent Consistency Distillation: a few-step student from a teacher's skipping-step "
+                               "DDIM solver with CFG (writes model.safetensors)")):
         a = tsub.add_parser(task, help=what, description=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         d = TASK_DEFAULTS[task]
         g = a.add_argument_group("run")
@@ -390,8 +392,8 @@ def _add_train(sub) -> None:
                        help="drop images whose original area (before any upscaling) is below this squared, the "
                             "SDXL paper's discard-small-images baseline (0: keep all)")
         g = a.add_argument_group(task)
-        if task == "add":
-            _add_add_options(g)
+        if task in ("add", "lcm"):
+            _add_distill_options(g, task)
             a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
             continue
         g.add_argument("--model", default="mini", help={
@@ -442,16 +444,22 @@ def _add_train(sub) -> None:
         a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
 
 
-def _add_add_options(g) -> None:
+def _add_distill_options(g, task: str) -> None:
     from .train.add import STUDENT_TIMESTEPS, WEIGHT_SCHEDULES
 
     g.add_argument("--teacher", default="mini", help="the model to distil: checkpoint file, diffusers folder, 'mini' "
                                                      "or a tiny-* preset; the student starts from its weights")
+    g.add_argument("--teacher-cfg", type=float, default=3.0, help="the teacher's CFG scale (Imagen form) for its targets")
+    g.add_argument("--sample-prompt", action="append", default=None, help="prompt for sample grids (repeatable)")
+    if task == "lcm":
+        g.add_argument("--ddim-steps", type=int, default=50, help="the teacher's DDIM grid (skip = 1000 / N timesteps)")
+        g.add_argument("--target-ema", type=float, default=0.95, help="EMA decay of the target network")
+        g.add_argument("--huber-c", type=float, default=0.001, help="pseudo-Huber loss constant")
+        return
     g.add_argument("--features", default="mini", help="the discriminator's frozen ViT: 'mini' (the miniature's CLIP "
                                                       "image tower), a clip.safetensors, or a local transformers CLIP folder")
     g.add_argument("--student-timesteps", default=",".join(map(str, STUDENT_TIMESTEPS)),
                    help="the timesteps the student is trained at (the trailing 4-step list)")
-    g.add_argument("--teacher-cfg", type=float, default=3.0, help="the teacher's CFG scale for its targets")
     g.add_argument("--distill-weight", type=float, default=2.5, help="λ, the distillation loss weight (0: adversarial only)")
     g.add_argument("--adv-weight", type=float, default=1.0, help="adversarial loss weight (0: distillation only)")
     g.add_argument("--weight-schedule", choices=WEIGHT_SCHEDULES, default="exponential",
@@ -463,7 +471,6 @@ def _add_add_options(g) -> None:
     g.add_argument("--reals", choices=["roundtrip", "raw"], default="roundtrip",
                    help="the discriminator's real images: VAE round trips of the latents, or the dataset pixels")
     g.add_argument("--no-augment", action="store_true", help="no translation / cutout before the discriminator")
-    g.add_argument("--sample-prompt", action="append", default=None, help="prompt for sample grids (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -170,6 +170,7 @@ def test_train_add_cli_resumes_exactly_and_writes_a_few_step_model(shapes_data, 
     assert run_json["task"] == "add" and run_json["add"]["teacher_cfg"] == 3.0
     parts = load_model(a / "model.safetensors")
     assert parts.config.sampling == FEW_STEP_SAMPLING
+    torch.manual_seed(0)  # the teacher's weights, as `from_pretrained("tiny-sdxl")` builds them
     teacher = build_parts(PRESETS["tiny-sdxl"], device="cpu")
     assert any(not torch.equal(parts.unet.state_dict()[k], v) for k, v in teacher.unet.state_dict().items())
 
@@ -267,3 +268,40 @@ def test_a_shipped_variant_shares_minis_networks_and_keeps_its_own_unet_and_defa
         ship_variant("mini-turbo", tmp_path / "other.safetensors", root)
     with pytest.raises(ValueError, match="no shipped model"):
         load_shipped("mini-nope", root=root)
+
+
+# --------------------------------------------------------------------------------------------------
+# LCM, the comparison method
+# --------------------------------------------------------------------------------------------------
+
+
+def test_lcm_boundary_condition_and_grid():
+    from stablexl.train.lcm import LCMOptions, boundary_scalings
+
+    skip, out = boundary_scalings(torch.tensor([0, 19, 999]))
+    assert skip[0] == 1 and out[0] == 0  # f(z, 0) = z
+    assert skip[1] < 1e-5 and skip[2] < 1e-8 and abs(out[1] - 1) < 1e-5  # elsewhere f is the x̂ prediction
+    with pytest.raises(ValueError, match="ddim-steps"):
+        LCMOptions(ddim_steps=48)
+
+
+def test_train_lcm_cli_resumes_exactly_and_moves_its_target(shapes_data, tmp_path):
+    common = ["train", "lcm", "--teacher", "tiny-sdxl", "--data", str(shapes_data), "--batch-size", "8",
+              "--threads", "1", "--quiet", "--log-every", "2", "--sample-prompt", "a red circle", "--lr", "1e-3"]
+    a, c = tmp_path / "a", tmp_path / "c"
+    r = run(common + ["--steps", "4", "--output", str(a), "--checkpoint-every", "4"])
+    assert r.returncode == 0, r.stderr
+    assert run(common + ["--steps", "2", "--output", str(c)]).returncode == 0
+    r = run(common + ["--steps", "4", "--output", str(c), "--resume"])
+    assert r.returncode == 0, r.stderr
+    wa, wc = weights(a / "model.safetensors"), weights(c / "model.safetensors")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    state = load_file(str(a / "state-00000004.safetensors"))
+    student = {k[len("model.student."):]: v for k, v in state.items() if k.startswith("model.student.")}
+    target = {k[len("model.target."):]: v for k, v in state.items() if k.startswith("model.target.")}
+    torch.manual_seed(0)  # the teacher's weights: `from_pretrained("tiny-sdxl")` builds them from seed 0
+    teacher = build_parts(PRESETS["tiny-sdxl"], device="cpu").unet.state_dict()
+    moved = lambda w: max((w[k] - teacher[k]).abs().max().item() for k in teacher)  # noqa: E731
+    assert student.keys() == target.keys() == teacher.keys()
+    assert 0 < moved(target) < moved(student)  # the EMA target trails the student
+    assert load_model(a / "model.safetensors").config.sampling == FEW_STEP_SAMPLING

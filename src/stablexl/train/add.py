@@ -205,31 +205,101 @@ def diff_augment(x: Tensor, gen: torch.Generator, batch: int, translate: float =
 # --------------------------------------------------------------------------------------------------
 
 
-class ADDTask(UNetTask):
+class DistillationTask(UNetTask):
+    """What ADD and LCM share: a student trained in place from the teacher's weights, a frozen copy of the
+    teacher evaluated with CFG, Turbo-style conditioning, and a saved model that carries few-step defaults."""
+
+    ema_modules = ("student",)
+
+    def __init__(self, parts: ModelParts, data: TrainData, unet_options: UNetTrainOptions | None = None):
+        if parts.config.prediction != "eps":
+            raise ValueError(f"{type(self).__name__[:-4]} here distils ε-prediction teachers; "
+                             f"{parts.config.name} is {parts.config.prediction}-prediction")
+        super().__init__(parts, data, unet_options or UNetTrainOptions(cache_latents=True))
+        self.teacher = copy.deepcopy(parts.unet).eval().requires_grad_(False)
+        self.student = parts.unet  # trained in place: starts from the teacher's weights
+        cfg = parts.config
+        # the pooled text leads SDXL's vector (its first P entries)
+        self._pooled = next((s.config.projection_dim for s in cfg.text_encoders if s.pooled), 0) \
+            if cfg.family == "sdxl-base" else 0
+        ac = self.denoiser.schedule.alphas_cumprod
+        self._alpha, self._sigma = ac.sqrt(), (1 - ac).sqrt()
+
+    def _frozen(self) -> list[nn.Module]:
+        return [self.teacher, self.parts.vae]
+
+    def _frozen_to(self, device):
+        for m in self._frozen():
+            m.to(device)
+
+    def _bc(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+        return table.to(like.device)[t].reshape(-1, 1, 1, 1).to(like.dtype)
+
+    def _cond(self, captions, n: int, device):
+        res = float(self.parts.config.resolution)
+        size = torch.full((n, 2), res, device=device)  # original = target = the model's size, crop (0, 0) (§1.2)
+        keep = torch.ones(n, 4, device=device)
+        return self.conditioning(captions, size, torch.zeros(n, 2, device=device), size, keep)
+
+    def _uncond_vector(self, vector: Tensor | None) -> Tensor | None:
+        """The pooled text zeroed, the micro-conditions kept (the teacher's text dropout, train/unet.py)."""
+        if vector is None:
+            return None
+        p = self._pooled
+        return torch.cat([torch.zeros_like(vector[:, :p]), vector[:, p:]], dim=1)
+
+    @torch.no_grad()
+    def teacher_eps(self, z_t: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor]:
+        """(ε̂_u, ε̂_c) of the frozen teacher at VP-form z_t, in one batched pass; the unconditional branch has
+        zeroed text, as the teacher was trained with text dropout by zeroing."""
+        vec = cond.vector
+        out = self.teacher(torch.cat([z_t, z_t]), torch.cat([t, t]),
+                           torch.cat([torch.zeros_like(cond.context), cond.context]),
+                           None if vec is None else torch.cat([self._uncond_vector(vec), vec])).float()
+        return out.chunk(2)
+
+    def _x0(self, z: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return (z - self._bc(self._sigma, t, z) * eps) / self._bc(self._alpha, t, z)
+
+    def sample_grid(self, ctx: Context, step: int):
+        prompts = list(self.sample_prompts) or list(dict.fromkeys(r.caption for r in self.data.records))[:8]
+        if not prompts:
+            return None
+        from ..pipeline import Pipeline
+        from .grid import image_grid
+
+        pipe = Pipeline(self.parts, self.tokenizer, name=f"step {step}")
+        r = self.parts.config.resolution
+        images = []
+        for steps in (1, 4):
+            for k, p in enumerate(prompts):
+                images += pipe(p, steps=steps, cfg=0.0, seed=k, width=r, height=r, sampler="lcm",
+                               schedule="trailing").images
+        return image_grid(images, captions=prompts + prompts, cols=len(prompts))
+
+    def save(self, out: Path, ctx: Context) -> Path:
+        """The student with the teacher's VAE and text towers, its config carrying the few-step sampling
+        defaults (that is how a distilled model is recognised: config.sampling, never its name)."""
+        from ..config import FEW_STEP_SAMPLING
+
+        student = dataclasses.replace(self.parts, config=dataclasses.replace(self.parts.config, sampling=FEW_STEP_SAMPLING))
+        return save_model(student, out / "model.safetensors")
+
+
+class ADDTask(DistillationTask):
     """Student UNet + discriminator heads; frozen teacher UNet, VAE, text towers and ViT."""
 
     name = "add"
-    ema_modules = ("student",)
 
     def __init__(self, parts: ModelParts, data: TrainData, vision: CLIPVisionModel,
                  options: ADDOptions = ADDOptions(), unet_options: UNetTrainOptions | None = None):
-        if parts.config.prediction != "eps":
-            raise ValueError("ADD here distils ε-prediction teachers (the x̂ conversion at s = 999 assumes it); "
-                             f"{parts.config.name} is {parts.config.prediction}-prediction")
-        unet_options = unet_options or UNetTrainOptions(cache_latents=True)
         super().__init__(parts, data, unet_options)
         self.add = options
-        self.teacher = copy.deepcopy(parts.unet).eval().requires_grad_(False)
-        self.student = parts.unet  # trained in place: starts from the teacher's weights
+        self.sample_prompts = options.sample_prompts
         self.features = ViTFeatures(vision)
-        cfg = parts.config
-        # the pooled text leads SDXL's vector (its first P entries); models without one condition D on the mean context
-        self._pooled = next((s.config.projection_dim for s in cfg.text_encoders if s.pooled), 0) \
-            if cfg.family == "sdxl-base" else 0
-        c_dim = self._pooled or cfg.unet.context_dim
+        # models without a pooled text condition D on the mean context
+        c_dim = self._pooled or parts.config.unet.context_dim
         self.heads = DiscriminatorHeads(self.features.width, self.features.levels, c_dim, options.cmap_dim)
-        ac = self.denoiser.schedule.alphas_cumprod
-        self._alpha, self._sigma = ac.sqrt(), (1 - ac).sqrt()
 
     # -- Task protocol ------------------------------------------------------------------------------
 
@@ -252,15 +322,8 @@ class ADDTask(UNetTask):
 
     # -- pieces ---------------------------------------------------------------------------------------
 
-    def _frozen_to(self, device):
-        for m in (self.teacher, self.features, self.parts.vae):
-            m.to(device)
-
-    def _cond(self, captions, n: int, device):
-        res = float(self.parts.config.resolution)
-        size = torch.full((n, 2), res, device=device)  # original = target = the model's size, crop (0, 0) (§1.2)
-        keep = torch.ones(n, 4, device=device)
-        return self.conditioning(captions, size, torch.zeros(n, 2, device=device), size, keep)
+    def _frozen(self) -> list[nn.Module]:
+        return [*super()._frozen(), self.features]
 
     def _head_condition(self, cond) -> Tensor:
         return cond.vector[:, : self._pooled] if self._pooled else cond.context.mean(dim=1)
@@ -268,22 +331,16 @@ class ADDTask(UNetTask):
     def _decode(self, z: Tensor) -> Tensor:
         return self.parts.vae.decode(z / self.parts.config.vae.scaling_factor)
 
-    def _student(self, ctx: Context, gen: torch.Generator, z0: Tensor, cond, B: int, grad: bool):
-        """(x̂θ latents, images or None) at drawn student timesteps; draws: timestep index, noise."""
+    def _student(self, ctx: Context, gen: torch.Generator, z0: Tensor, cond, B: int, grad: bool) -> Tensor:
+        """x̂θ (latents) at drawn student timesteps; draws: timestep index, noise."""
         n = z0.shape[0]
         ts = torch.tensor(self.add.student_timesteps)
         s = ctx.local(ts[torch.randint(0, len(ts), (B,), generator=gen)])[:n]
         eps = ctx.local(torch.randn((B, *z0.shape[1:]), generator=gen))[:n]
-        a, sg = self._bc(self._alpha, s, z0), self._bc(self._sigma, s, z0)
         signal = (s != 999).to(z0).reshape(-1, 1, 1, 1)  # pure noise at s = 999 (§1.2)
-        z_s = signal * a * z0 + sg * eps
+        z_s = signal * self._bc(self._alpha, s, z0) * z0 + self._bc(self._sigma, s, z0) * eps
         with torch.set_grad_enabled(grad):
-            e = ctx.models["student"](z_s, s, cond.context, cond.vector).float()
-            x0 = (z_s - sg * e) / a
-        return x0
-
-    def _bc(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-        return table.to(like.device)[t].reshape(-1, 1, 1, 1).to(like.dtype)
+            return self._x0(z_s, s, ctx.models["student"](z_s, s, cond.context, cond.vector).float())
 
     def _discriminate(self, ctx: Context, images: Tensor, c: Tensor, gen: torch.Generator, B: int,
                       grad_features: bool = False):
@@ -336,15 +393,9 @@ class ADDTask(UNetTask):
             t = ctx.local(torch.randint(0, self.denoiser.schedule.num_train_timesteps, (B,), generator=gen))[:n]
             eps = ctx.local(torch.randn((B, *z0.shape[1:]), generator=gen))[:n]
             with torch.no_grad():
-                a, sg = self._bc(self._alpha, t, x0), self._bc(self._sigma, t, x0)
-                z_t = a * x0.detach() + sg * eps
-                uncond_ctx = torch.zeros_like(cond.context)
-                uncond_vec = None if cond.vector is None else self._uncond_vector(cond.vector)
-                both = self.teacher(torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([uncond_ctx, cond.context]),
-                                    None if uncond_vec is None else torch.cat([uncond_vec, cond.vector])).float()
-                e_u, e_c = both.chunk(2)
-                e = e_u + o.teacher_cfg * (e_c - e_u)
-                target = (z_t - sg * e) / a
+                z_t = self._bc(self._alpha, t, x0) * x0.detach() + self._bc(self._sigma, t, x0) * eps
+                e_u, e_c = self.teacher_eps(z_t, t, cond)
+                target = self._x0(z_t, t, e_u + o.teacher_cfg * (e_c - e_u))  # CFG, Imagen form
                 w = self._weight(t, x0)
                 target_px = self._decode(target) if o.distill_space == "pixel" else None
             if o.distill_space == "pixel":
@@ -364,11 +415,6 @@ class ADDTask(UNetTask):
         logs["loss"] = float(loss.detach())
         return "student", loss, logs
 
-    def _uncond_vector(self, vector: Tensor) -> Tensor:
-        """The pooled text zeroed, the micro-conditions kept (the teacher's text dropout, train/unet.py)."""
-        p = self._pooled
-        return torch.cat([torch.zeros_like(vector[:, :p]), vector[:, p:]], dim=1)
-
     def _weight(self, t: Tensor, like: Tensor) -> Tensor:
         a, s = self._bc(self._alpha, t, like), self._bc(self._sigma, t, like)
         if self.add.weight_schedule == "exponential":
@@ -381,33 +427,6 @@ class ADDTask(UNetTask):
         epoch, bucket, idx = self.data.batcher.batch(data_step)
         mine = idx[ctx.rank * (len(idx) // ctx.world):(ctx.rank + 1) * (len(idx) // ctx.world)]
         return torch.stack([self.data.sample(i, 0, bucket).pixels for i in mine if i in self._latents]).to(ctx.device)
-
-    # -- outputs ------------------------------------------------------------------------------------
-
-    def sample_grid(self, ctx: Context, step: int):
-        prompts = list(self.add.sample_prompts) or list(dict.fromkeys(r.caption for r in self.data.records))[:8]
-        if not prompts:
-            return None
-        from ..pipeline import Pipeline
-        from .grid import image_grid
-
-        pipe = Pipeline(self.parts, self.tokenizer, name=f"step {step}")
-        r = self.parts.config.resolution
-        images = []
-        for steps in (1, 4):
-            for k, p in enumerate(prompts):
-                images += pipe(p, steps=steps, cfg=0.0, seed=k, width=r, height=r, sampler="lcm",
-                               schedule="trailing").images
-        return image_grid(images, captions=prompts + prompts, cols=len(prompts))
-
-    def save(self, out: Path, ctx: Context) -> Path:
-        """The student with the teacher's VAE and text towers, its config carrying the few-step sampling
-        defaults (that is how a distilled model is recognised: config.sampling, never its name)."""
-        from ..config import FEW_STEP_SAMPLING
-
-        student = dataclasses.replace(self.parts, config=dataclasses.replace(self.parts.config, sampling=FEW_STEP_SAMPLING))
-        return save_model(student, out / "model.safetensors")
-
 
 def load_features(spec: str, parts: ModelParts | None = None) -> CLIPVisionModel:
     """The discriminator's frozen ViT: "mini" (the miniature's CLIP image tower), a clip.safetensors from

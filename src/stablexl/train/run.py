@@ -20,6 +20,7 @@ TASK_DEFAULTS = {
     "clip": {"lr": 5e-4, "ema_decay": 0.0},
     "lora": {"lr": 1e-4, "ema_decay": 0.0},  # kohya's usual unet_lr; no EMA
     "add": {"lr": 2e-5, "ema_decay": 0.99},  # reference/distillation.md §3.2
+    "lcm": {"lr": 2e-5, "ema_decay": 0.0},  # §6.9; its target network is an EMA of its own (0.95)
 }
 
 
@@ -103,8 +104,8 @@ def build_task(a: argparse.Namespace):
         return VAETask(vae, make_data(a), opts, grad_accum=a.grad_accum)
     if a.task == "lora":
         return _lora_task(a)
-    if a.task == "add":
-        return _add_task(a)
+    if a.task in ("add", "lcm"):
+        return _distill_task(a)
     from .unet import UNetTask
 
     return UNetTask(_unet_parts(a), make_data(a), _unet_options(a))
@@ -139,30 +140,43 @@ def _lora_task(a: argparse.Namespace):
     return LoraTask(parts, make_data(a), _unet_options(a), lora, seed=a.seed, model_name=Path(a.model).name)
 
 
-def _add_task(a: argparse.Namespace):
-    """ADD: the teacher (any checkpoint, "mini" or a tiny-* preset) in fp32, its square full-resolution
-    images (upscaled ones excluded: their blur would be "real" to the discriminator), the frozen ViT."""
+def _distill_task(a: argparse.Namespace):
+    """ADD / LCM: the teacher (any checkpoint, "mini" or a tiny-* preset) in fp32 and its square full-resolution
+    images (upscaled ones excluded: their blur would be "real" to ADD's discriminator; LCM uses the same images
+    so that the two compare on one data set); ADD also loads its frozen ViT."""
     from ..pipeline import Pipeline
-    from .add import ADDOptions, ADDTask, load_features
     from .unet import UNetTrainOptions
 
     if a.fsdp:
-        raise ValueError("--fsdp is not supported for ADD (the teacher and the student are small: use DDP)")
+        raise ValueError(f"--fsdp is not supported for {a.task.upper()} (the teacher and the student are small: use DDP)")
     _init(a.seed)
     parts = Pipeline.from_pretrained(a.teacher, device="cpu", dtype="fp32").parts
-    features = load_features(a.features, parts)  # before the data: a wrong path fails in a second
+    features = None
+    if a.task == "add":
+        from .add import load_features
+
+        features = load_features(a.features, parts)  # before the data: a wrong path fails in a second
     res = parts.config.resolution
     data = make_data(a, square=res)
     keep = [r for r in data.records if r.size[0] == r.size[1] and tuple(r.original_size or r.size) == tuple(r.size)]
     if not keep:
         raise ValueError(f"{a.data}: no square images at their original size to distil on")
-    print(f"ADD: {len(keep)} of {len(data.records)} images (square, not upscaled)")
+    print(f"{a.task.upper()}: {len(keep)} of {len(data.records)} images (square, not upscaled)")
     data = TrainData(keep, [(res, res)], a.batch_size, a.seed, data.augment)
+    prompts = tuple(a.sample_prompt or ())
+    if a.task == "lcm":
+        from .lcm import LCMOptions, LCMTask
+
+        opts = LCMOptions(ddim_steps=a.ddim_steps, teacher_cfg=a.teacher_cfg, target_ema=a.target_ema,
+                          huber_c=a.huber_c, sample_prompts=prompts)
+        return LCMTask(parts, data, opts, UNetTrainOptions(cache_latents=True), grad_accum=a.grad_accum)
+    from .add import ADDOptions, ADDTask
+
     ts = tuple(int(t) for t in str(a.student_timesteps).split(",") if t.strip())
     opts = ADDOptions(student_timesteps=ts, teacher_cfg=a.teacher_cfg, distill_weight=a.distill_weight,
                       adv_weight=a.adv_weight, weight_schedule=a.weight_schedule, distill_space=a.distill_space,
                       r1_gamma=a.r1_gamma, disc_lr=a.disc_lr, reals=a.reals, augment=not a.no_augment,
-                      sample_prompts=tuple(a.sample_prompt or ()))
+                      sample_prompts=prompts)
     return ADDTask(parts, data, features, opts, UNetTrainOptions(cache_latents=True))
 
 
