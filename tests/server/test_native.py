@@ -251,3 +251,24 @@ def test_models_samplers_and_server_info():
         info = c.get("/v1/server").json()
         assert info["limits"] == {"max_width": 128, "max_height": 128, "max_steps": 300, "max_batch": 4}
         assert c.get("/openapi.json").json()["paths"].keys() >= {"/v1/generate", "/sdapi/v1/txt2img"}
+
+
+def test_a_few_step_model_is_served_with_its_turbo_defaults(tmp_path):
+    """A distilled model (here: tiny-sdxl's weights with the few-step sampling `train add` writes) is offered with
+    its defaults, and a request that names only a prompt runs 1 step, no CFG, on the trailing schedule."""
+    import dataclasses as dc
+
+    from stablexl.config import FEW_STEP_SAMPLING
+    from stablexl.io.models import save_model
+
+    parts = Pipeline.from_pretrained("tiny-sdxl").parts
+    parts.config = dc.replace(parts.config, sampling=FEW_STEP_SAMPLING)
+    path = save_model(parts, tmp_path / "student.safetensors")
+    with client(models=[str(path)], loader=lambda name: Pipeline.from_pretrained(name)) as c:
+        (m,) = c.get("/v1/models").json()
+        assert m["defaults"] == {"steps": 1, "cfg": 0.0, "sampler": "lcm", "schedule": "trailing"}
+        job = _generate(c, prompt="a red fox", seed=3, model=m["name"])
+        assert job["state"] == "succeeded", job
+        s = job["settings"]
+        assert (s["steps"], s["cfg"], s["sampler"], s["schedule"]) == (1, 0.0, "lcm", "trailing")
+        assert "Steps: 1" in job["images"][0]["infotext"]

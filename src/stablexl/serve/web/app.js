@@ -113,6 +113,9 @@ function applyModelDefaults() {
   if (!m) return;
   $("steps").value = Math.min(m.defaults.steps, state.limits ? state.limits.max_steps : m.defaults.steps);
   $("cfg").value = m.defaults.cfg;
+  // "model default" names what the model will use (e.g. a Turbo model's trailing schedule)
+  $("sampler").options[0].textContent = `model default (${m.defaults.sampler})`;
+  $("schedule").options[0].textContent = `model default (${m.defaults.schedule})`;
   setSize(m.resolution, m.resolution);
 }
 
