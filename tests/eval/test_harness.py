@@ -266,6 +266,7 @@ def test_a_model_that_reproduces_the_dataset_scores_like_the_real_images(emoji_d
     assert gen["pixel_identity"] == 1.0 and real["pixel_identity"] is None
     assert all(it["pixel_nearest"] == it["name"] for it in r["images"])
     assert gen["fd"]["FD-miniCLIP"] == pytest.approx(real["fd"]["FD-miniCLIP"], abs=1e-9)
+    assert gen["fd"]["FD-px8"] == pytest.approx(real["fd"]["FD-px8"], abs=1e-9)  # the independent feature space
     assert gen["kid"]["KID-miniCLIP"] == pytest.approx(real["kid"]["KID-miniCLIP"], abs=1e-9)
     for key in ("score", "top1", "top5"):
         assert gen["clip"]["miniCLIP"][key] == pytest.approx(real["clip"]["miniCLIP"][key])

@@ -162,6 +162,21 @@ class MiniCLIPFeatures:
         return F.normalize(self.embedder.images(images), dim=-1)
 
 
+class PixelFeatures:
+    """8x8 RGB thumbnails (box filter), flattened to 192 values in [0, 1]: a feature space no trained network
+    defines, so an FD here ("FD-px8") is independent of anything a model was trained against (a distilled
+    student whose discriminator used the mini CLIP's features is partly optimised for FD-miniCLIP). It sees
+    colour and layout, not detail."""
+
+    name = "FD-px8"
+    size = 8
+
+    def extract(self, images: Sequence[Image.Image]) -> Tensor:
+        rows = [np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BOX), dtype=np.float32) / 255.0
+                for im in images]
+        return torch.from_numpy(np.stack(rows).reshape(len(rows), -1)).double()
+
+
 # --------------------------------------------------------------------------------------------------
 # Inception (true FID; weights supplied by the operator)
 # --------------------------------------------------------------------------------------------------

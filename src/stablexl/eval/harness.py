@@ -37,6 +37,7 @@ from .features import (
     FeatureExtractor,
     InceptionFeatures,
     MiniCLIPFeatures,
+    PixelFeatures,
 )
 
 PIXEL_SIZE = 16  # side of the thumbnails compared by pixel identity
@@ -163,7 +164,7 @@ def evaluate(model, data_dir: str | Path, clip_path: str | Path, *, style: str =
         embedders.append(CLIPEmbedder.load(score_clip_path))
         if embedders[1].label == clip.label:  # two components are both "miniCLIP"
             embedders[1].label = str(score_clip_path)
-    extractors: list[FeatureExtractor] = [MiniCLIPFeatures(clip)]
+    extractors: list[FeatureExtractor] = [MiniCLIPFeatures(clip), PixelFeatures()]
     if inception_path:
         extractors.append(InceptionFeatures(inception_path))
     ref_names = sorted(ref.images)
