@@ -7,7 +7,10 @@ LoRAs: the server has a --lora-dir (a real LoRA, a broken file, a pickle, a syml
 decoy LoRA outside it; the `loras` field and `<lora:...>` prompt tags get hostile names (`..`, absolute
 paths, separators), huge / negative / NaN weights and malformed tags. Every file opened while the requests
 run is recorded (an audit hook on "open", plus safetensors' own opener, which bypasses Python's `open`):
-none may lie outside the LoRA folder. `STABLEXL_FUZZ_EXAMPLES` raises the request count (e.g. 5000)."""
+none may lie outside the LoRA folder. Textual inversions likewise (an --embeddings-dir with a real one, a broken
+one and a symlink out; prompts with file-name and `embedding:NAME` triggers), and A1111's hires-fix fields are
+injected into txt2img bodies with values in and out of range. `STABLEXL_FUZZ_EXAMPLES` raises the request count
+(e.g. 5000)."""
 
 from __future__ import annotations
 
@@ -87,6 +90,19 @@ PROMPT = st.sampled_from([False] * 3 + [True]).flatmap(lambda tagged: TAGGED if 
 LORA_FIELD = st.sampled_from([[{"name": "good", "strength": 0.7}], [{"name": "deep", "strength": -1, "text_strength": 0.3}],
                               [{"name": "good"}, {"name": "deep", "strength": 2}]])
 LORA_PROMPT = st.sampled_from(["a cat <lora:good:0.5>", "<lora:deep:1:-1> a dog", "<lora:good>", "<lyco:deep:0.3>"])
+# textual-inversion triggers: the file name (A1111) and embedding:NAME (ComfyUI), with hostile names
+EMBEDDING_PROMPT = st.lists(st.sampled_from(
+    ["goodemb", "(goodemb:1.3)", "embedding:goodemb", "embedding:sub/deepemb", "embedding:../outside/secretemb",
+     "embedding:/etc/passwd", "embedding:brokenemb", "brokenemb", "embedding:escapeemb", "escapeemb", "embedding:",
+     "embedding:goodemb.safetensors", "embedding:GOODEMB", "a cat", "deepemb"]) | st.text(max_size=8),
+    min_size=1, max_size=4).map(" ".join)
+# A1111's hires fix on txt2img, with values in and out of range
+HIRES = st.fixed_dictionaries({"enable_hr": st.just(True)}, optional={
+    "hr_scale": st.sampled_from([1.0, 1.5, 2, 0, -1, 100, 1e308]), "hr_upscaler": st.sampled_from(
+        ["Latent", "Latent (nearest)", "Latent (bicubic)", "R-ESRGAN 4x+", "", "None", "nope"]),
+    "hr_second_pass_steps": st.integers(-2, 3), "denoising_strength": st.sampled_from([0.0, 0.5, 1.0, 2.0, -1]),
+    "hr_resize_x": st.sampled_from([0, 64, 96, 100000]), "hr_resize_y": st.sampled_from([0, 64, 96]),
+    "hr_sampler_name": st.sampled_from(["Euler", "nope", ""]), "hr_prompt": PROMPT})
 LORAS = st.lists(st.fixed_dictionaries({"name": LORA_NAMES}, optional={"strength": WEIGHTS, "text_strength": WEIGHTS})
                  | JUNK, max_size=3) | JUNK
 
@@ -239,11 +255,29 @@ def lora_folder(root: Path) -> Path:
     return folder
 
 
+def embedding_folder(root: Path) -> Path:
+    """Textual inversions for tiny-sdxl (one a level down), a broken file and a symlink to a decoy outside."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    folder, outside = root / "embeddings", root / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir(exist_ok=True)
+    emb = lambda: {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 48, generator=g)}  # noqa: E731
+    save_file(emb(), str(folder / "goodemb.safetensors"))
+    save_file(emb(), str(folder / "sub" / "deepemb.safetensors"))
+    save_file(emb(), str(outside / "secretemb.safetensors"))
+    (folder / "brokenemb.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    (folder / "escapeemb.safetensors").symlink_to(outside / "secretemb.safetensors")
+    return folder
+
+
 def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
     global _OPENED
     statuses: Counter = Counter()
     per_op: Counter = Counter()
     folder = lora_folder(tmp_path)
+    emb_folder = embedding_folder(tmp_path)
     torch.set_flush_denormal(False)  # building the pipeline for the LoRA file set it again (see the fixture above)
     import stablexl.io.checkpoint as checkpoint
 
@@ -259,8 +293,10 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
         sys.addaudithook(_audit)
         sys._stablexl_fuzz_audit = True
     with_loras = Counter()
+    with_embeddings = Counter()
     _OPENED = []
-    with client(max_width=64, max_height=64, max_steps=2, max_batch=2, queue_size=3, lora_dir=str(folder)) as c:
+    with client(max_width=64, max_height=64, max_steps=2, max_batch=2, queue_size=3, lora_dir=str(folder),
+                embeddings_dir=str(emb_folder)) as c:
         spec = c.get("/openapi.json").json()
         components = spec["components"]["schemas"]
         ops = _operations(spec)
@@ -301,6 +337,13 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
                             body["loras"] = data.draw(LORA_FIELD | LORAS, label="loras")
                         else:
                             body["prompt"] = data.draw(LORA_PROMPT | TAGGED, label="prompt with tags")
+                    if op["path"] in GENERATING and isinstance(body, dict) and data.draw(st.sampled_from([0] * 5 + [1]),
+                                                                                         label="inject embeddings"):
+                        body["prompt"] = data.draw(EMBEDDING_PROMPT, label="prompt with embeddings")
+                        kwargs["embeddings"] = True
+                    if op["path"] == "/sdapi/v1/txt2img" and isinstance(body, dict) and \
+                            data.draw(st.sampled_from([0] * 4 + [1]), label="inject hires"):
+                        body.update(data.draw(HIRES, label="hires"))
                     if isinstance(body, dict) and data.draw(st.booleans(), label="unknown field"):
                         body["unknown_" + data.draw(st.text(max_size=5))] = data.draw(JUNK)
                     kwargs["content"] = json.dumps(body)
@@ -309,7 +352,10 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
                 else:
                     kwargs["content"] = data.draw(st.binary(max_size=40), label="raw body")
                 kwargs["headers"] = {"content-type": "application/json"}
+            injected = kwargs.pop("embeddings", False)
             r = c.request(op["method"], path, **kwargs)
+            if injected:
+                with_embeddings[r.status_code] += 1
             content = kwargs.get("content", "")
             if isinstance(content, str) and ("<lora:" in content or '"loras": [{' in content):
                 with_loras[r.status_code] += 1
@@ -326,16 +372,19 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
         finally:
             opened, _OPENED = _OPENED, None
     print("fuzz statuses:", dict(statuses), "per operation:", dict(per_op))
-    real = folder.resolve()
-    # every weight file opened anywhere, and everything opened under this test's folder (the decoy's included)
+    allowed = (folder.resolve(), emb_folder.resolve())
+    # every weight file opened anywhere, and everything opened under this test's folder (the decoys' included)
     root = tmp_path.resolve()
     lora_files = [p for p in opened if p.endswith((".safetensors", ".pt", ".ckpt", ".pth", ".bin"))
                   or Path(p).resolve().is_relative_to(root)]
-    outside = [p for p in lora_files if not Path(p).resolve().is_relative_to(real)]
+    outside = [p for p in lora_files if not any(Path(p).resolve().is_relative_to(a) for a in allowed)]
     print(f"LoRA requests by status: {dict(with_loras)}; LoRA-folder files opened: {len(lora_files)} "
           f"({len(set(lora_files))} distinct), outside the folder: {len(outside)}")
     assert not outside, sorted(set(outside))[:10]
     assert any(p.endswith("good.safetensors") for p in lora_files), "a LoRA was really read"
+    assert any(p.endswith("goodemb.safetensors") for p in lora_files), "an embedding was really read"
+    print(f"embedding-trigger requests by status: {dict(with_embeddings)}")
+    assert sum(n for code, n in with_embeddings.items() if code in (200, 202)) >= 1, with_embeddings
     assert sum(n for code, n in with_loras.items() if code in (200, 202)) >= 1, with_loras
     assert sum(statuses.values()) >= 500, statuses
     assert {(m, p) for m, p, _ in per_op} == {(o["method"], o["path"]) for o in ops}, "every operation was exercised"
