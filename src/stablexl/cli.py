@@ -400,7 +400,8 @@ def _add_train(sub) -> None:
             "unet": "preset architecture (random init) or checkpoint to start from",
             "lora": "the frozen model: checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature) "
                     "or a tiny-* preset"}.get(task, "preset whose architecture to train"))
-        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task in ("unet", "lora") else f"start from this {task}.safetensors")
+        init_help = f"start from this {task}.safetensors" + (" ('mini': the shipped miniature's)" if task == "vae" else "")
+        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task in ("unet", "lora") else init_help)
         if task == "unet":
             g.add_argument("--vae", default=None, help="vae.safetensors from `stablexl train vae` to use")
             g.add_argument("--text-encoders", default=None, help="clip.safetensors from `stablexl train clip`: its text towers")
@@ -441,6 +442,9 @@ def _add_train(sub) -> None:
             g.add_argument("--disc-start", type=int, default=2000, help="step at which the PatchGAN term starts")
             g.add_argument("--disc-weight", type=float, default=0.5, help="GAN term weight")
             g.add_argument("--disc-ndf", type=int, default=64, help="discriminator base width")
+            g.add_argument("--decoder-only", action="store_true",
+                           help="fine-tune only the decoder of --init (the encoder and its latent space stay frozen, "
+                                "so every UNet trained on them stays valid); --init mini takes the shipped one's")
         a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
 
 

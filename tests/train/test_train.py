@@ -71,6 +71,27 @@ def test_vae_gan_phase_and_adaptive_weight(shapes_data, tmp_path):
     assert "loss_disc" in rows[5] and "loss_g" in rows[4] and rows[4]["d_weight"] >= 0  # steps alternate after the start
 
 
+def test_decoder_only_fine_tuning_keeps_the_encoder_bit_exact(shapes_data, tmp_path):
+    """`--decoder-only` (SD's ft-MSE recipe): the encoder and quant conv, hence the latent space, do not move; the
+    decoder does, with the GAN term on from the start. `--init mini` takes the shipped VAE."""
+    out = tmp_path / "dec"
+    r = run(["train", "vae", "--data", str(shapes_data), "--output", str(out), "--init", "mini", "--decoder-only",
+             "--batch-size", "4", "--steps", "4", "--disc-start", "0", "--log-every", "1", "--quiet", "--disc-ndf", "16",
+             "--lr", "1e-3"])
+    assert r.returncode == 0, r.stderr
+    from stablexl.mini.weights import load_mini_parts
+
+    before = load_mini_parts().vae.state_dict()
+    after = weights(out / "vae.safetensors")
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+    rows = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert "loss_g" in rows[0] and "loss_disc" in rows[1]
+    r = run(["train", "vae", "--data", str(shapes_data), "--output", str(tmp_path / "x"), "--decoder-only", "--steps", "1"])
+    assert r.returncode != 0 and "--init" in r.stderr
+
+
 def test_killed_run_resumes_to_the_same_weights(shapes_data, tmp_path):
     common = ["--data", str(shapes_data), "--steps", "16", "--checkpoint-every", "4", "--threads", "1"]
     a = tmp_path / "straight"

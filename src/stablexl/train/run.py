@@ -97,10 +97,17 @@ def build_task(a: argparse.Namespace):
         from .vae import VAETask, VAETrainOptions
 
         _init(a.seed)
-        vae = load_component_file(a.init, "vae") if a.init else AutoencoderKL(preset(a.model).vae)
+        if a.init == "mini" and not Path(a.init).exists():  # the shipped miniature's VAE
+            from ..mini.weights import load_mini_parts
+
+            vae = load_mini_parts().vae
+        else:
+            vae = load_component_file(a.init, "vae") if a.init else AutoencoderKL(preset(a.model).vae)
+        if a.decoder_only and not a.init:
+            raise ValueError("--decoder-only fine-tunes a trained VAE's decoder: pass --init (a vae.safetensors, or 'mini')")
         opts = VAETrainOptions(kl_weight=a.kl_weight, perceptual=a.perceptual, perceptual_weight=a.perceptual_weight,
                                lpips_vgg=a.lpips_vgg, lpips_lin=a.lpips_lin, disc_start=a.disc_start,
-                               disc_weight=a.disc_weight, disc_ndf=a.disc_ndf)
+                               disc_weight=a.disc_weight, disc_ndf=a.disc_ndf, decoder_only=a.decoder_only)
         return VAETask(vae, make_data(a), opts, grad_accum=a.grad_accum)
     if a.task == "lora":
         return _lora_task(a)

@@ -64,6 +64,9 @@ class VAETrainOptions:
     disc_ndf: int = 64
     disc_lr: float | None = None
     betas: tuple[float, float] = (0.5, 0.9)  # LDM autoencoder
+    # Fine-tune the decoder only (SD's ft-MSE / ft-EMA decoders, reference/training.md §2): the encoder, and with
+    # it the latent space every UNet was trained in, stays frozen; the KL term has no gradient and is dropped.
+    decoder_only: bool = False
 
 
 class VAETask:
@@ -77,6 +80,9 @@ class VAETask:
         self.logvar = nn.Parameter(torch.zeros(1))  # (1,), not a scalar: FSDP cannot shard 0-d parameters
         self.vae.logvar = self.logvar  # trained with the autoencoder; not part of the saved VAE
         vae.requires_grad_(True)
+        if options.decoder_only:
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
 
     def modules(self):
         return {"vae": self.vae, "disc": self.disc}
@@ -117,7 +123,7 @@ class VAETask:
         B = x.shape[0]
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / B
         kl = post.kl().sum() / B
-        loss = nll + o.kl_weight * kl
+        loss = nll if o.decoder_only else nll + o.kl_weight * kl
         logs.update({"loss_rec": float(nll.detach() / rec[0].numel()), "kl": float(kl.detach())})
         if gan_on:
             g = -disc(x_hat).mean()
