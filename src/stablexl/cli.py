@@ -397,7 +397,8 @@ def _add_train(sub) -> None:
             a.set_defaults(func=_train, _parser=a, _config_loader=load_config_file)
             continue
         g.add_argument("--model", default="mini", help={
-            "unet": "preset architecture (random init) or checkpoint to start from",
+            "unet": "preset architecture (random init; mini-* presets take mini's trained VAE and text towers) or "
+                    "checkpoint to start from",
             "lora": "the frozen model: checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature) "
                     "or a tiny-* preset"}.get(task, "preset whose architecture to train"))
         init_help = f"start from this {task}.safetensors" + (" ('mini': the shipped miniature's)" if task == "vae" else "")
@@ -432,6 +433,11 @@ def _add_train(sub) -> None:
             g.add_argument("--no-cache-text", action="store_true", help="re-encode captions every step")
             g.add_argument("--sample-prompt", action="append", default=None, help="prompt for sample grids (repeatable)")
             g.add_argument("--sample-steps", type=int, default=20, help="sampler steps for sample grids")
+            g.add_argument("--max-timestep", type=int, default=None,
+                           help="draw timesteps from [0, N) (default: 200 for refiners, the SDXL refiner's range; else 1000)")
+            g.add_argument("--aesthetic-proxy", choices=["blur", "none"], default="blur",
+                           help="refiners: the aesthetic-score label. blur: half of the images (fixed per image) "
+                                "blurred by σ ~ U(0.5, 2) px and scored 6 − 2σ, the rest 6.0; none: all 6.0")
         if task == "vae":
             g.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (SD/SDXL-VAE regime)")
             g.add_argument("--perceptual", choices=["rcf", "lpips", "none"], default="rcf",

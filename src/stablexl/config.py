@@ -459,6 +459,18 @@ MINI = ModelConfig(
     ),
 )
 
+# The miniature's refiner: SDXL refiner wiring (the bigG-shaped tower only, pooled + original size + crop +
+# aesthetic score; attention in the inner levels only, as the refiner's (0, 4, 4, 0)) at 64 px, narrower than the
+# base (the refiner only removes the last 20 % of the noise). Trained by `stablexl train unet --model mini-refiner`.
+MINI_REFINER = ModelConfig(
+    name="mini-refiner", family="sdxl-refiner", resolution=64, sampling=MINI_SAMPLING, vae=MINI.vae,
+    unet=UNetConfig(
+        model_channels=48, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1), mid_transformer_depth=1,
+        num_heads=None, head_dim=32, context_dim=128, linear_proj=True, vector_dim=128 + 5 * 256, norm_groups=16,
+    ),
+    text_encoders=(MINI.text_encoders[1],),
+)
+
 # The miniature's tiny decoder (trained by scripts/train_tiny_decoder.py): TAESD's block counts, narrower
 # at the two high-resolution levels so that it stays under 1 M parameters (2 MB in fp16).
 TAESD_MINI = TinyAutoencoderConfig(latent_space="mini", encoder_channels=(32, 32, 64, 64),
@@ -468,7 +480,7 @@ TINY_AUTOENCODERS: dict[str, TinyAutoencoderConfig] = {"taesd": TAESD, "taesdxl"
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER,
-              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI)
+              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI, MINI_REFINER)
 }
 PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512, sampling=TURBO_SAMPLING)
 

@@ -92,3 +92,43 @@ def test_optional_loss_terms_and_precision_run(shapes_data, tmp_path):
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert rows[0]["lr"] < rows[1]["lr"] == rows[2]["lr"]  # linear warm-up, then constant
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+
+
+def test_mini_refiner_recipe_low_noise_timesteps_and_the_aesthetic_proxy(shapes_data, tmp_path):
+    """`--model mini-refiner`: mini's VAE and bigG-shaped tower (frozen), timesteps below 200, the refiner vector
+    (pooled ‖ original size ‖ crop ‖ aesthetic score) with the blur proxy's scores; the result loads as a refiner
+    and refines the base's latents through the pipeline."""
+    import argparse
+
+    from stablexl.mini.weights import load_mini_parts
+    from stablexl.train.loop import Context, TrainConfig
+    from stablexl.train.run import _unet_parts
+    from stablexl.train.unet import UNetTask, UNetTrainOptions
+    from stablexl.train.data import TrainData, scan_dataset
+
+    parts = _unet_parts(argparse.Namespace(model="mini-refiner", seed=0, vae=None, text_encoders=None))
+    mini = load_mini_parts()
+    assert parts.config.family == "sdxl-refiner" and len(parts.text_encoders) == 1
+    assert all(torch.equal(a, b) for a, b in zip(parts.text_encoders[0].state_dict().values(),
+                                                  mini.text_encoders[1].state_dict().values()))
+    recs = [r for r in scan_dataset(shapes_data).records if r.size == (64, 64)]
+    task = UNetTask(parts, TrainData(recs, [(64, 64)], 8, 0), UNetTrainOptions(cache_latents=True))
+    seen = {}
+    real = parts.unet.forward
+    parts.unet.forward = lambda x, t, c, y: seen.update(t=t, y=y) or real(x, t, c, y)
+    ctx = Context(TrainConfig(batch_size=8), models={"unet": parts.unet})
+    for step in range(3):
+        task.loss(ctx, step)
+        assert seen["t"].max() < 200 and seen["y"].shape == (8, 128 + 5 * 256)
+    scores = torch.tensor([r[6] for r in task._latents.values()])
+    assert ((scores == 6.0) | ((scores >= 2.0) & (scores <= 5.0))).all() and (scores < 6).any() and (scores == 6).any()
+    _, again = task._aesthetic(torch.zeros(2, 3, 64, 64), list(task._latents)[:2])
+    assert again.tolist() == scores[:2].tolist()  # fixed per image
+    # a trained refiner of this shape refines the base's output through the pipeline (hand-off at 0.8)
+    from stablexl.io.models import save_model
+    from stablexl.pipeline import Pipeline
+
+    path = save_model(parts, tmp_path / "refiner.safetensors")
+    base, refiner = Pipeline.from_pretrained("mini"), Pipeline.from_pretrained(str(path))
+    out = base("red apple", steps=4, seed=0, refiner=refiner, switch_at=0.8)
+    assert out.images[0].size == (64, 64)

@@ -128,7 +128,8 @@ def _unet_options(a: argparse.Namespace):
         size_conditioning=not a.no_size_conditioning, offset_noise=a.offset_noise,
         min_snr_gamma=a.min_snr_gamma, cache_latents=a.cache_latents, cache_text=not a.no_cache_text,
         sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps,
-        gradient_checkpointing=a.gradient_checkpointing)
+        gradient_checkpointing=a.gradient_checkpointing, max_timestep=getattr(a, "max_timestep", None),
+        aesthetic_proxy=getattr(a, "aesthetic_proxy", "blur"))
 
 
 def _lora_task(a: argparse.Namespace):
@@ -187,6 +188,22 @@ def _distill_task(a: argparse.Namespace):
     return ADDTask(parts, data, features, opts, UNetTrainOptions(cache_latents=True))
 
 
+def _take_mini_networks(parts) -> None:
+    """The shipped mini's VAE and the text towers whose specs the preset shares (e.g. the refiner's bigG-shaped
+    one), frozen: the new UNet learns in mini's latent space from mini's text features."""
+    from ..mini.weights import load_mini_parts
+
+    mini = load_mini_parts()
+    if parts.config.vae != mini.config.vae:
+        raise ValueError(f"{parts.config.name} does not share mini's VAE")
+    parts.vae = mini.vae
+    towers = dict(zip(mini.config.text_encoders, mini.text_encoders))
+    for i, spec in enumerate(parts.config.text_encoders):
+        if spec not in towers:
+            raise ValueError(f"{parts.config.name}'s text encoder {i} is none of mini's")
+        parts.text_encoders[i] = towers[spec]
+
+
 def _unet_parts(a: argparse.Namespace):
     from ..io.components import load_component_file
     from ..io.models import load_model
@@ -195,6 +212,8 @@ def _unet_parts(a: argparse.Namespace):
     if a.model in PRESETS and not Path(a.model).exists():
         _init(a.seed)
         parts = build_parts(PRESETS[a.model], device="cpu")
+        if a.model.startswith("mini-"):  # a member of the miniature family: mini's trained VAE and text towers
+            _take_mini_networks(parts)
     else:
         parts = load_model(a.model, dtype=torch.float32)
     cfg = parts.config

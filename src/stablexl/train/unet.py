@@ -15,7 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..diffusion.denoiser import Denoiser
@@ -24,7 +27,7 @@ from ..io.models import save_model
 from ..models.conditioning import Conditioning, encode_text, micro_embedding
 from ..models.parts import ModelParts
 from ..models.tokenizer import default_tokenizer
-from .data import TrainData
+from .data import TrainData, sample_rng
 from .loop import Context, OptimizerSpec
 
 
@@ -46,6 +49,26 @@ class UNetTrainOptions:
     sample_steps: int = 20
     sample_cfg: float = 5.0
     gradient_checkpointing: bool = False  # recompute UNet activations in the backward pass
+    # timesteps drawn from [0, max_timestep); None: the family's (the SDXL refiner trained on the first 200,
+    # SDXL paper §2.5; everything else on all 1000)
+    max_timestep: int | None = None
+    # the refiner's aesthetic-score condition needs a per-image label; the proxy: half of the images (fixed per
+    # image) are blurred by a Gaussian of σ ~ U(0.5, 2) px before encoding and labelled 6 − 2σ, the others 6.0
+    # (a score that says how sharp the image is, independent of its original size, which has its own condition)
+    aesthetic_proxy: str = "blur"  # blur | none (every image 6.0)
+
+
+def gaussian_blur(image: Tensor, sigma: float) -> Tensor:
+    """(C, H, W) blurred by a separable Gaussian of std `sigma` pixels (radius 3σ, reflected edges)."""
+    r = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = (k / k.sum()).to(image)
+    c = image.shape[0]
+    y = F.pad(image[None], (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.reshape(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.conv2d(y, k.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return y[0]
 
 
 def dropout_keep(gen: torch.Generator, batch: int, rates: tuple[float, ...]) -> Tensor:
@@ -58,8 +81,13 @@ class UNetTask:
 
     def __init__(self, parts: ModelParts, data: TrainData, options: UNetTrainOptions = UNetTrainOptions()):
         cfg = parts.config
-        if cfg.family not in ("sdxl-base", "sd1", "sd2"):
-            raise ValueError(f"UNet training supports sdxl-base, sd1 and sd2 models, not {cfg.family!r}")
+        if cfg.family not in ("sdxl-base", "sdxl-refiner", "sd1", "sd2"):
+            raise ValueError(f"UNet training supports sdxl-base, sdxl-refiner, sd1 and sd2 models, not {cfg.family!r}")
+        if options.aesthetic_proxy not in ("blur", "none"):
+            raise ValueError(f"aesthetic proxy must be 'blur' or 'none', got {options.aesthetic_proxy!r}")
+        self.max_timestep = options.max_timestep or (200 if cfg.family == "sdxl-refiner" else 1000)
+        if not 1 <= self.max_timestep <= 1000:
+            raise ValueError(f"--max-timestep must be in [1, 1000], got {self.max_timestep}")
         if cfg.unet.in_channels != cfg.vae.latent_channels:
             raise ValueError("training inpainting UNets (extra input channels) is not supported")
         self.parts, self.data, self.opt = parts, data, options
@@ -120,13 +148,23 @@ class UNetTask:
         pooled = None if table[captions[0]][1] is None else torch.stack([table[c][1] for c in captions])
         return ctx, pooled
 
-    def conditioning(self, captions, original_size: Tensor, crop: Tensor, target: Tensor, keep: Tensor) -> Conditioning:
-        """keep (B, 4) in {0, 1}: text, original size, crop, target size (0 = dropped, i.e. zeroed)."""
+    def conditioning(self, captions, original_size: Tensor, crop: Tensor, target: Tensor, keep: Tensor,
+                     scores: Tensor | None = None) -> Conditioning:
+        """keep (B, 4) in {0, 1}: text, original size, crop, target size (the refiner: aesthetic score) (0 = dropped,
+        i.e. zeroed). `scores` (B,): the refiner's aesthetic scores."""
         context, pooled = self.encode_captions(captions)  # cached on the text towers' device (the CPU)
         context, pooled = context.to(keep.device), None if pooled is None else pooled.to(keep.device)
         k_text = keep[:, 0].reshape(-1, 1, 1)
         context = context * k_text
-        if self.parts.config.family != "sdxl-base":
+        family = self.parts.config.family
+        if family == "sdxl-refiner":  # pooled ‖ emb(original size) ‖ emb(crop) ‖ emb(aesthetic score)
+            dim = self.parts.config.unet.micro_dim
+            score = torch.full((len(captions), 1), 6.0) if scores is None else scores.reshape(-1, 1).float()
+            parts = [pooled * keep[:, :1]]
+            for j, v in enumerate((original_size, crop, score.to(keep.device)), start=1):
+                parts.append(micro_embedding(v, dim) * keep[:, j:j + 1])
+            return Conditioning(context, torch.cat(parts, dim=1))
+        if family != "sdxl-base":
             return Conditioning(context)
         parts = [pooled * keep[:, :1]]
         if not self.opt.size_conditioning:
@@ -144,10 +182,11 @@ class UNetTask:
         vae.to(ctx.device)  # frozen: the loop moves only the trained modules (a no-op after the first call)
         if not self.opt.cache_latents:
             b = self.data.batch(data_step, ctx.rank, ctx.world)
-            post = vae.encode(b.pixels.to(ctx.device))
+            pixels, scores = self._aesthetic(b.pixels, b.indices)
+            post = vae.encode(pixels.to(ctx.device))
             shape = (self.data.batcher.batch_size, *post.mean.shape[1:])  # drawn over the global batch, always
             noise = ctx.local(torch.randn(shape, generator=gen))[: b.pixels.shape[0]]
-            return (post.mean + post.std * noise) * sf, b.captions, b.original_size, b.crop, b.target_size
+            return (post.mean + post.std * noise) * sf, b.captions, b.original_size, b.crop, b.target_size, scores
         epoch, bucket, idx = self.data.batcher.batch(data_step)
         mine = idx[ctx.rank * (len(idx) // ctx.world):(ctx.rank + 1) * (len(idx) // ctx.world)]
         todo = [i for i in mine if i not in self._latents]
@@ -155,31 +194,51 @@ class UNetTask:
             s = self.data.sample(i, 0, bucket)  # fixed augmentation: epoch 0's crop and flip
             if s is None:
                 continue
-            post = vae.encode(s.pixels[None].to(ctx.device))
-            self._latents[i] = (post.mean[0], post.logvar[0], s.original_size, s.crop, s.target_size, s.caption)
+            pixels, score = self._aesthetic(s.pixels[None], [i])
+            post = vae.encode(pixels.to(ctx.device))
+            self._latents[i] = (post.mean[0], post.logvar[0], s.original_size, s.crop, s.target_size, s.caption,
+                                None if score is None else float(score[0]))
         rows = [self._latents[i] for i in mine if i in self._latents]
         mean, logvar = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
         noise = ctx.local(torch.randn((len(idx), *mean.shape[1:]), generator=gen))[:len(rows)]
         z = (mean + torch.exp(0.5 * logvar) * noise) * sf
         f = lambda j: torch.tensor([r[j] for r in rows], dtype=torch.float32)
-        return z, [r[5] for r in rows], f(2), f(3), f(4)
+        scores = None if rows[0][6] is None else f(6)
+        return z, [r[5] for r in rows], f(2), f(3), f(4), scores
+
+    def _aesthetic(self, pixels: Tensor, indices) -> tuple[Tensor, Tensor | None]:
+        """The refiner's aesthetic-score proxy (UNetTrainOptions.aesthetic_proxy): (pixels, scores (B,)), or
+        (pixels, None) for models without the condition. Each image's draw depends only on (seed, its index)."""
+        if self.parts.config.family != "sdxl-refiner":
+            return pixels, None
+        scores = torch.full((pixels.shape[0],), 6.0)
+        if self.opt.aesthetic_proxy == "none":
+            return pixels, scores
+        out = pixels.clone()
+        for k, i in enumerate(indices):
+            rng = sample_rng(self.data.seed, 0xAE5, int(i))
+            if rng.uniform() < 0.5:
+                sigma = float(rng.uniform(0.5, 2.0))
+                out[k] = gaussian_blur(pixels[k], sigma)
+                scores[k] = 6.0 - 2.0 * sigma
+        return out, scores
 
     # -- the loss -----------------------------------------------------------------------------------
 
     def loss(self, ctx: Context, data_step: int):
         o = self.opt
         gen = ctx.generator(data_step)
-        z0, captions, orig, crop, target = self.latents(ctx, data_step, gen)
+        z0, captions, orig, crop, target, scores = self.latents(ctx, data_step, gen)
         B = self.data.batcher.batch_size  # global: every random draw is over the global batch, then sliced
         n = z0.shape[0]
-        t = ctx.local(torch.randint(0, self.denoiser.schedule.num_train_timesteps, (B,), generator=gen))[:n]
+        t = ctx.local(torch.randint(0, self.max_timestep, (B,), generator=gen))[:n]
         noise = ctx.local(torch.randn((B, *z0.shape[1:]), generator=gen))[:n]
         offset = ctx.local(torch.randn((B, z0.shape[1], 1, 1), generator=gen))[:n]
         if o.offset_noise:
             noise = noise + o.offset_noise * offset  # SDXL paper §2.5 (stage 3: 0.05)
         keep = ctx.local(dropout_keep(gen, B, (o.dropout_text, o.dropout_original_size, o.dropout_crop,
                                                o.dropout_target_size)))[:n]
-        cond = self.conditioning(captions, orig.to(ctx.device), crop.to(ctx.device), target.to(ctx.device), keep)
+        cond = self.conditioning(captions, orig.to(ctx.device), crop.to(ctx.device), target.to(ctx.device), keep, scores)
 
         unet = ctx.models["unet"]  # the DDP-wrapped module when distributed
         den = self.denoiser
