@@ -7,15 +7,19 @@ min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v), optional offset noise rand
 Conditioning dropout is per embedder and by zeroing (sgm `GeneralConditioner` ucg_rate): the text
 (context and pooled vector together, which is what SDXL's zeroed negative prompt is at inference),
 original size, crop and target size are each dropped independently.
+
+Refiners (family sdxl-refiner): timesteps from the low-noise part only ([0, 200) by default: the SDXL refiner
+"specialized on high-quality, high resolution data and denoising at small noise levels", SDXL paper §2.5),
+and the refiner vector pooled ‖ original size ‖ crop ‖ aesthetic score, the score from a documented proxy
+(`UNetTrainOptions.aesthetic_proxy`; dropped with the target-size rate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +181,7 @@ class UNetTask:
 
     @torch.no_grad()
     def latents(self, ctx: Context, data_step: int, gen: torch.Generator):
-        """This rank's (z0, captions, original, crop, target) for one micro-step."""
+        """This rank's (z0, captions, original, crop, target, aesthetic scores or None) for one micro-step."""
         vae, sf = self.parts.vae, self.parts.config.vae.scaling_factor
         vae.to(ctx.device)  # frozen: the loop moves only the trained modules (a no-op after the first call)
         if not self.opt.cache_latents:
