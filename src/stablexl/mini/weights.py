@@ -1,12 +1,14 @@
 """The shipped miniature: weights that live in the package, so `Pipeline.from_pretrained("mini")` and
 `stablexl generate` work with no download.
 
-Two files under `stablexl/assets/mini/`, both half precision (a 60 MB budget):
+Files under `stablexl/assets/mini/`, all half precision (150 MB for the whole family):
 
   model.safetensors        the whole pipeline (UNet, VAE, both text towers) in our checkpoint format
   clip-vision.safetensors  the mini CLIP's image tower and temperatures; its text towers are the pipeline's
                            own (the UNet run kept them frozen), so `mini_clip()` reassembles the trained
                            CLIP for `stablexl eval` without storing the towers twice
+  turbo-unet.safetensors   `mini-turbo`: the UNet of mini's ADD student (`stablexl train add`) and its config;
+                           everything else is mini's (`load_shipped`, `ship_variant`)
 
 `ship()` writes both from a UNet run's `model.safetensors` and the CLIP run's `clip.safetensors`, checking
 that the text towers are the same weights.
