@@ -455,7 +455,7 @@ def _add_train(sub) -> None:
 
 
 def _add_distill_options(g, task: str) -> None:
-    from .train.add import STUDENT_TIMESTEPS, WEIGHT_SCHEDULES
+    from .train.run import STUDENT_TIMESTEPS, WEIGHT_SCHEDULES
 
     g.add_argument("--teacher", default="mini", help="the model to distil: checkpoint file, diffusers folder, 'mini' "
                                                      "or a tiny-* preset; the student starts from its weights")

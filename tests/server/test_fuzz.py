@@ -324,6 +324,7 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
                 elif data.draw(st.booleans(), label=f"send {p['name']}"):
                     query[p["name"]] = data.draw(st.sampled_from(["true", "false", "1", "yes", "maybe", ""]))
             kwargs = {"params": query}
+            injected = False  # embedding triggers put into the prompt
             if op["body"] is not None or op["method"] == "POST":
                 how = data.draw(st.sampled_from(["sparse"] * 3 + ["typed"] * 2 + ["schema"] * 2 + ["junk", "broken"]),
                                 label="body kind")
@@ -340,7 +341,7 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
                     if op["path"] in GENERATING and isinstance(body, dict) and data.draw(st.sampled_from([0] * 5 + [1]),
                                                                                          label="inject embeddings"):
                         body["prompt"] = data.draw(EMBEDDING_PROMPT, label="prompt with embeddings")
-                        kwargs["embeddings"] = True
+                        injected = True
                     if op["path"] == "/sdapi/v1/txt2img" and isinstance(body, dict) and \
                             data.draw(st.sampled_from([0] * 4 + [1]), label="inject hires"):
                         body.update(data.draw(HIRES, label="hires"))
@@ -352,7 +353,6 @@ def test_fuzz_every_operation_no_5xx(tmp_path, monkeypatch):
                 else:
                     kwargs["content"] = data.draw(st.binary(max_size=40), label="raw body")
                 kwargs["headers"] = {"content-type": "application/json"}
-            injected = kwargs.pop("embeddings", False)
             r = c.request(op["method"], path, **kwargs)
             if injected:
                 with_embeddings[r.status_code] += 1

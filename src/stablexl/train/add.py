@@ -42,10 +42,9 @@ from ..models.clip import CLIPVisionModel
 from ..models.parts import ModelParts
 from .data import TrainData
 from .loop import Context, OptimizerSpec
+from .run import STUDENT_TIMESTEPS, WEIGHT_SCHEDULES
 from .unet import UNetTask, UNetTrainOptions
 
-STUDENT_TIMESTEPS = (999, 749, 499, 249)  # the trailing 4-step list (§0)
-WEIGHT_SCHEDULES = ("exponential", "sds", "uniform")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ TASK_DEFAULTS = {
 }
 
 
+# ADD's option values, here (not in add.py) so that building the CLI parser does not import the trainers
+STUDENT_TIMESTEPS = (999, 749, 499, 249)  # the trailing 4-step list (reference/distillation.md §0)
+WEIGHT_SCHEDULES = ("exponential", "sds", "uniform")  # c(t) of the distillation loss
+
+
 def load_config_file(path: str | None) -> dict:
     """--config: a JSON object of option defaults (dashes or underscores), e.g. a saved recipe."""
     if not path:
