@@ -402,7 +402,10 @@ def _add_train(sub) -> None:
             "lora": "the frozen model: checkpoint file, diffusers folder, HF cache id, 'mini' (the shipped miniature) "
                     "or a tiny-* preset"}.get(task, "preset whose architecture to train"))
         init_help = f"start from this {task}.safetensors" + (" ('mini': the shipped miniature's)" if task == "vae" else "")
-        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task in ("unet", "lora") else init_help)
+        if task == "unet":
+            init_help = ("start the UNet from this model's (a checkpoint, or a shipped model such as 'mini'): same-shaped "
+                         "tensors are copied, the others (e.g. an unCLIP vector input) start at zero")
+        g.add_argument("--init", default=None, help=argparse.SUPPRESS if task == "lora" else init_help)
         if task == "unet":
             g.add_argument("--vae", default=None, help="vae.safetensors from `stablexl train vae` to use")
             g.add_argument("--text-encoders", default=None, help="clip.safetensors from `stablexl train clip`: its text towers")
@@ -438,6 +441,8 @@ def _add_train(sub) -> None:
             g.add_argument("--aesthetic-proxy", choices=["blur", "none"], default="blur",
                            help="refiners: the aesthetic-score label. blur: half of the images (fixed per image) "
                                 "blurred by σ ~ U(0.5, 2) px and scored 6 − 2σ, the rest 6.0; none: all 6.0")
+            g.add_argument("--dropout-image", type=float, default=0.1,
+                           help="unCLIP models: P(zero the image-embedding vector), the unconditional vector of CFG")
         if task == "vae":
             g.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (SD/SDXL-VAE regime)")
             g.add_argument("--perceptual", choices=["rcf", "lpips", "none"], default="rcf",

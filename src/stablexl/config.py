@@ -471,6 +471,16 @@ MINI_REFINER = ModelConfig(
     text_encoders=(MINI.text_encoders[1],),
 )
 
+# The miniature's image-variation model: SD 2.1-unCLIP's design (the noise-augmented CLIP image embedding ‖ the
+# sinusoid of its noise level as the vector added to the time embedding; text optional) on mini's UNet, text
+# towers and VAE, with the mini CLIP's image tower (128-d embeddings). Fine-tuned from mini's UNet by
+# `stablexl train unet --model mini-unclip --init mini`; only the vector's input layer differs from mini's.
+MINI_UNCLIP = ModelConfig(
+    name="mini-unclip", family="sd2-unclip", resolution=64, sampling=MINI_SAMPLING, vae=MINI.vae,
+    unet=dataclasses.replace(MINI.unet, vector_dim=2 * 128), text_encoders=MINI.text_encoders,
+    unclip=UnCLIPConfig(vision=MINI_VISION, embed_dim=128),
+)
+
 # The miniature's tiny decoder (trained by scripts/train_tiny_decoder.py): TAESD's block counts, narrower
 # at the two high-resolution levels so that it stays under 1 M parameters (2 MB in fp16).
 TAESD_MINI = TinyAutoencoderConfig(latent_space="mini", encoder_channels=(32, 32, 64, 64),
@@ -480,7 +490,7 @@ TINY_AUTOENCODERS: dict[str, TinyAutoencoderConfig] = {"taesd": TAESD, "taesdxl"
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in (SD15, SD15_INPAINT, SD21, SD21_BASE, SD21_UNCLIP_H, SD21_UNCLIP_L, SDXL_BASE, SDXL_REFINER,
-              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI, MINI_REFINER)
+              TINY_SDXL, TINY_SD15, TINY_REFINER, TINY_SD21, TINY_UNCLIP, MINI, MINI_REFINER, MINI_UNCLIP)
 }
 PRESETS["sdxl-turbo"] = dataclasses.replace(SDXL_BASE, name="sdxl-turbo", resolution=512, sampling=TURBO_SAMPLING)
 

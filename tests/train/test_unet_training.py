@@ -132,3 +132,60 @@ def test_mini_refiner_recipe_low_noise_timesteps_and_the_aesthetic_proxy(shapes_
     base, refiner = Pipeline.from_pretrained("mini"), Pipeline.from_pretrained(str(path))
     out = base("red apple", steps=4, seed=0, refiner=refiner, switch_at=0.8)
     assert out.images[0].size == (64, 64)
+
+
+def test_mini_unclip_recipe_image_vector_init_from_mini_and_variations(shapes_data, tmp_path):
+    """`--model mini-unclip --init mini`: mini's UNet (its vector input zero-initialised, the only tensor whose shape
+    differs), towers, VAE and the mini CLIP's image tower, all frozen but the UNet; the normalizer fitted to the
+    training images' embeddings; the vector is the noise-augmented embedding of the very image whose latent is
+    denoised (zeroed with the image dropout); dropped text is the caption ""; the result makes variations."""
+    import argparse
+
+    from stablexl.mini.weights import load_mini_parts
+    from stablexl.train.data import TrainData, scan_dataset
+    from stablexl.train.loop import Context, TrainConfig
+    from stablexl.train.run import _unet_parts
+    from stablexl.train.unet import UNetTask, UNetTrainOptions
+
+    parts = _unet_parts(argparse.Namespace(model="mini-unclip", seed=0, vae=None, text_encoders=None, init="mini"))
+    mini = load_mini_parts()
+    own, base = parts.unet.state_dict(), mini.unet.state_dict()
+    differ = [k for k in own if own[k].shape != base[k].shape]
+    assert differ == ["add_embedding.linear_1.weight"] and not own[differ[0]].any()
+    assert all(torch.equal(own[k], base[k].float()) for k in own if k not in differ)
+    assert parts.image_encoder is not None and "zero-initialised" in parts.notes[-1]
+
+    recs = [r for r in scan_dataset(shapes_data).records if r.size == (64, 64)]
+    opts = UNetTrainOptions(cache_latents=True, dropout_text=0.5, dropout_image=0.5)
+    task = UNetTask(parts, TrainData(recs, [(64, 64)], 8, 0), opts)
+    norm = parts.image_normalizer
+    assert not torch.all(norm.mean == 0) and not torch.all(norm.std == 1)  # fitted, not identity
+    seen = {}
+    real = parts.unet.forward
+    parts.unet.forward = lambda x, t, c, y: seen.update(c=c, y=y) or real(x, t, c, y)
+    ctx = Context(TrainConfig(batch_size=8), models={"unet": parts.unet})
+    empty = task.encode_captions([""])[0][0]
+    zero_rows = empty_rows = 0
+    for step in range(4):
+        loss = task.loss(ctx, step)[1]
+        assert torch.isfinite(loss)
+        y, c = seen["y"], seen["c"]
+        assert y.shape == (8, 256)
+        zero_rows += int((y.abs().sum(1) == 0).sum())
+        empty_rows += sum(torch.equal(row, empty) for row in c)
+    assert 0 < zero_rows < 32 and 0 < empty_rows < 32  # both dropouts happen, neither always
+    # the cached embedding is the image tower's on the latent's own pixels
+    i = next(iter(task._latents))
+    s = task.data.sample(i, 0, (64, 64))
+    assert torch.allclose(task._embeds[i], task.image_embeds(s.pixels[None])[0])
+
+    from PIL import Image
+
+    from stablexl.io.models import save_model
+    from stablexl.pipeline import Pipeline
+
+    path = save_model(parts, tmp_path / "unclip.safetensors")
+    pipe = Pipeline.from_pretrained(str(path))
+    assert torch.equal(pipe.parts.image_normalizer.mean, norm.mean)
+    out = pipe("", image_prompt=Image.open(recs[0].path).convert("RGB"), noise_level=100, steps=2, seed=0)
+    assert out.images[0].size == (64, 64)

@@ -120,16 +120,19 @@ def squaredcos_alphas_cumprod(n: int = 1000, max_beta: float = 0.999) -> Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
-def unclip_vector(image_embeds: Tensor, noise_level: int, normalizer, noise: Tensor) -> Tensor:
+def unclip_vector(image_embeds: Tensor, noise_level: int | Tensor, normalizer, noise: Tensor) -> Tensor:
     """[noise-augmented embedding ‖ sinusoid(noise_level)] -> (B, 2·D) (SD2 `CLIPEmbeddingNoiseAugmentation`).
 
     e' = unscale(√ᾱ_k · scale(e) + √(1−ᾱ_k) · ε); the noise level's embedding uses the same
-    [cos|sin] sinusoid as the UNet timestep, with the embedding's width.
+    [cos|sin] sinusoid as the UNet timestep, with the embedding's width. `noise_level`: one level for the batch,
+    or (B,) integer levels (training draws one per sample).
     """
-    if not 0 <= noise_level < 1000:
-        raise ValueError(f"noise_level must be in [0, 999], got {noise_level}")
+    levels = torch.as_tensor(noise_level).long().reshape(-1)
+    if levels.numel() and not bool(((levels >= 0) & (levels < 1000)).all()):
+        bad = levels[(levels < 0) | (levels >= 1000)][0].item()
+        raise ValueError(f"noise_level must be in [0, 999], got {bad}")
     e = image_embeds.float()
-    ac = squaredcos_alphas_cumprod()[noise_level].item()  # level 0 still adds a little noise, as upstream does
-    e = normalizer.unscale(math.sqrt(ac) * normalizer.scale(e) + math.sqrt(1 - ac) * noise.float())
-    level = torch.full((e.shape[0],), float(noise_level), device=e.device)
+    ac = squaredcos_alphas_cumprod()[levels.cpu()].reshape(-1, 1)  # level 0 still adds a little noise, as upstream
+    e = normalizer.unscale(ac.sqrt().to(e) * normalizer.scale(e) + (1 - ac).sqrt().to(e) * noise.float())
+    level = levels.to(e.device, torch.float32).expand(e.shape[0]) if levels.numel() == 1 else levels.to(e.device).float()
     return torch.cat([e, timestep_embedding(level, e.shape[1])], dim=1)

@@ -134,7 +134,7 @@ def _unet_options(a: argparse.Namespace):
         min_snr_gamma=a.min_snr_gamma, cache_latents=a.cache_latents, cache_text=not a.no_cache_text,
         sample_prompts=tuple(a.sample_prompt or ()), sample_steps=a.sample_steps,
         gradient_checkpointing=a.gradient_checkpointing, max_timestep=getattr(a, "max_timestep", None),
-        aesthetic_proxy=getattr(a, "aesthetic_proxy", "blur"))
+        aesthetic_proxy=getattr(a, "aesthetic_proxy", "blur"), dropout_image=getattr(a, "dropout_image", 0.1))
 
 
 def _lora_task(a: argparse.Namespace):
@@ -207,6 +207,33 @@ def _take_mini_networks(parts) -> None:
         if spec not in towers:
             raise ValueError(f"{parts.config.name}'s text encoder {i} is none of mini's")
         parts.text_encoders[i] = towers[spec]
+    if parts.config.unclip is not None:  # unCLIP: the mini CLIP's image tower gives the image embeddings
+        from ..mini.weights import mini_clip
+
+        vision = mini_clip(mini).vision
+        if vision.config != parts.config.unclip.vision:
+            raise ValueError(f"{parts.config.name}'s image tower is not the shipped mini CLIP's")
+        parts.image_encoder = vision
+
+
+def _init_unet(parts, source: str) -> None:
+    """`train unet --init`: start the UNet from another model's (a checkpoint, or a shipped model such as 'mini').
+    Tensors of the same name and shape are copied; those whose shape differs (e.g. the vector input of an unCLIP
+    UNet made from a base UNet) start at zero, so the new input begins by changing nothing."""
+    from ..io.models import load_model
+    from ..mini.weights import SHIPPED, load_shipped
+
+    theirs = (load_shipped(source) if source in SHIPPED and not Path(source).exists() else load_model(source)).unet
+    theirs = theirs.state_dict()
+    own = parts.unet.state_dict()
+    missing = [k for k in own if k not in theirs]
+    if missing:
+        raise ValueError(f"--init {source}: its UNet has no {missing[0]} (and {len(missing) - 1} more of this model's "
+                         f"tensors): it is not a {parts.config.name}-shaped UNet")
+    zeroed = [k for k in own if theirs[k].shape != own[k].shape]
+    parts.unet.load_state_dict({k: torch.zeros_like(v) if k in zeroed else theirs[k].float() for k, v in own.items()})
+    parts.notes.append(f"UNet initialised from {source}" + (f"; zero-initialised (shape differs): {', '.join(zeroed)}"
+                                                             if zeroed else ""))
 
 
 def _unet_parts(a: argparse.Namespace):
@@ -234,6 +261,9 @@ def _unet_parts(a: argparse.Namespace):
         if [t.config for t in towers] != want:
             raise ValueError(f"--text-encoders {a.text_encoders}: its text towers do not match {cfg.name}'s text encoders")
         parts.text_encoders = towers
+    if getattr(a, "init", None):
+        _init_unet(parts, a.init)
+        print(parts.notes[-1])
     return parts
 
 
