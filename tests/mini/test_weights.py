@@ -130,3 +130,46 @@ def test_mini_turbo_is_a_one_step_model_sharing_minis_networks(tmp_path):
     assert main(["generate", "grinning face", "--model", "mini-turbo", "--seed", "1", "--output", str(path), "--quiet"]) == 0
     text = Image.open(path).text["parameters"]
     assert "Steps: 1" in text and "Model: mini-turbo" in text
+
+
+@pytest.mark.parametrize("name", ["mini-refiner", "mini-unclip"])
+def test_ship_variant_round_trip_for_the_refiner_and_unclip(name, tmp_path):
+    """A variant's file holds its UNet (fp16; unCLIP: and its fp32 normalizer) and config; loading takes mini's
+    VAE, the text towers the variant's config names (the refiner: mini's bigG-shaped one only) and, for unCLIP, the
+    mini CLIP's image tower. A variant whose tower is not mini's is refused."""
+    import argparse
+    import os
+
+    from stablexl.train.run import _unet_parts
+
+    root = tmp_path / "assets"
+    root.mkdir()
+    for f in (W.MODEL_FILE, W.VISION_FILE):
+        os.symlink(W.ASSET_DIR / f, root / f)
+    torch.manual_seed(0)
+    parts = _unet_parts(argparse.Namespace(model=name, seed=0, vae=None, text_encoders=None, init=None))
+    if parts.image_normalizer is not None:
+        with torch.no_grad():
+            parts.image_normalizer.mean.normal_()
+            parts.image_normalizer.std.uniform_(0.5, 2)
+    trained = save_model(parts, tmp_path / "model.safetensors")
+    size, _ = W.ship_variant(name, trained, out=root)
+    assert size < 30e6
+    got = W.load_shipped(name, root=root)
+    mini = W.load_mini_parts(root=root)
+    assert got.config.name == name and got.config.unet == parts.config.unet
+    assert all(torch.equal(v.half().float(), got.unet.state_dict()[k]) for k, v in parts.unet.state_dict().items())
+    towers = dict(zip(mini.config.text_encoders, mini.text_encoders))
+    assert [t.state_dict().keys() for t in got.text_encoders] == [towers[s].state_dict().keys() for s in got.config.text_encoders]
+    assert all(torch.equal(a, b) for t, s in zip(got.text_encoders, got.config.text_encoders)
+               for a, b in zip(t.state_dict().values(), towers[s].state_dict().values()))
+    if name == "mini-unclip":
+        assert torch.equal(got.image_normalizer.mean, parts.image_normalizer.mean)
+        assert got.image_encoder is not None
+        pipe = Pipeline(got, name=name)
+        src = Image.new("RGB", (64, 64), (255, 255, 255))
+        assert pipe("", image_prompt=src, noise_level=0, steps=2, seed=0).images[0].size == (64, 64)
+    with torch.no_grad():  # a tower that is not mini's
+        parts.text_encoders[0].final_layer_norm.weight.add_(1)
+    with pytest.raises(ValueError, match="text tower 0 differs"):
+        W.ship_variant(name, save_model(parts, tmp_path / "other.safetensors"), out=root)

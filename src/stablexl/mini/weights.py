@@ -9,6 +9,9 @@ Files under `stablexl/assets/mini/`, all half precision (150 MB for the whole fa
                            CLIP for `stablexl eval` without storing the towers twice
   turbo-unet.safetensors   `mini-turbo`: the UNet of mini's ADD student (`stablexl train add`) and its config;
                            everything else is mini's (`load_shipped`, `ship_variant`)
+  refiner-unet.safetensors `mini-refiner`: a refiner-shaped UNet on mini's bigG-shaped tower and VAE
+  unclip-unet.safetensors  `mini-unclip`: an unCLIP UNet (and its embedding normalizer) on mini's towers, VAE
+                           and the mini CLIP's image tower
 
 `ship()` writes both from a UNet run's `model.safetensors` and the CLIP run's `clip.safetensors`, checking
 that the text towers are the same weights.
@@ -58,7 +61,11 @@ def load_mini_parts(dtype: torch.dtype = torch.float32, root: Path = ASSET_DIR):
 
 # Models shipped beside `mini` that share its VAE and text towers: name -> their own UNet's file (fp16, with the
 # variant's whole config in the metadata, so the UNet's shape and sampling defaults come from the file).
-VARIANT_FILES = {"mini-turbo": "turbo-unet.safetensors"}
+# A variant may use a subset of mini's text towers (the refiner: the bigG-shaped one, matched by spec), and an unCLIP
+# variant also the mini CLIP's image tower (clip-vision.safetensors), its normalizer stored beside its UNet.
+VARIANT_FILES = {"mini-turbo": "turbo-unet.safetensors", "mini-refiner": "refiner-unet.safetensors",
+                 "mini-unclip": "unclip-unet.safetensors"}
+NORMALIZER = "image_normalizer."  # key prefix of an unCLIP variant's normalizer in its file
 SHIPPED = ("mini", *VARIANT_FILES)
 
 
@@ -80,12 +87,24 @@ def load_shipped(name: str, dtype: torch.dtype = torch.float32, root: Path = ASS
     from ..models.unet import UNet
 
     config = ModelConfig.from_dict(info["config"])
-    if config.vae != parts.config.vae or config.text_encoders != parts.config.text_encoders:
+    towers = dict(zip(parts.config.text_encoders, parts.text_encoders))
+    if config.vae != parts.config.vae or any(spec not in towers for spec in config.text_encoders):
         raise CheckpointError(f"{path}: {name} was made for another VAE or text towers than this install's mini")
     with torch.device("meta"):
         unet = UNet(config.unet)
-    unet.load_state_dict({k: src.get(k).to(dtype) for k in src.keys()}, strict=True, assign=True)
+    keys = list(src.keys())
+    unet.load_state_dict({k: src.get(k).to(dtype) for k in keys if not k.startswith(NORMALIZER)}, strict=True, assign=True)
     parts.unet, parts.config = unet.eval(), config
+    parts.text_encoders = [towers[spec] for spec in config.text_encoders]
+    if config.unclip is not None:
+        from ..models.parts import EmbeddingNormalizer
+
+        vision = mini_clip(parts, root=root).vision
+        if vision.config != config.unclip.vision:
+            raise CheckpointError(f"{path}: {name} was made for another image tower than this install's mini CLIP")
+        norm = EmbeddingNormalizer(config.unclip.embed_dim)
+        norm.load_state_dict({k[len(NORMALIZER):]: src.get(k).float() for k in keys if k.startswith(NORMALIZER)})
+        parts.image_encoder, parts.image_normalizer = vision.to(dtype), norm.eval().requires_grad_(False)
     parts.source = path
     return parts
 
@@ -97,15 +116,25 @@ def ship_variant(name: str, model_path: str | Path, out: Path = ASSET_DIR, dtype
 
     student = load_model(model_path, dtype=torch.float32)
     mini = load_mini_parts()
-    for what, a, b in [("VAE", student.vae, mini.vae)] + [
-            (f"text tower {i}", x, y) for i, (x, y) in enumerate(zip(student.text_encoders, mini.text_encoders))]:
+    towers = dict(zip(mini.config.text_encoders, mini.text_encoders))
+    if any(spec not in towers for spec in student.config.text_encoders):
+        raise ValueError(f"{model_path}: its text towers are not mini's; a variant shares them")
+    pairs = [("VAE", student.vae, mini.vae)] + [
+        (f"text tower {i}", x, towers[spec]) for i, (x, spec) in enumerate(zip(student.text_encoders, student.config.text_encoders))]
+    if student.config.unclip is not None:
+        if student.image_encoder is None or student.image_normalizer is None:
+            raise ValueError(f"{model_path}: an unCLIP variant needs its image tower and normalizer in the file")
+        pairs.append(("image tower", student.image_encoder, mini_clip(mini).vision))
+    for what, a, b in pairs:
         sa, sb = a.state_dict(), b.state_dict()
-        if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k]) for k in sa):
+        if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k].to(sa[k].dtype)) for k in sa):
             raise ValueError(f"{model_path}: its {what} differs from the shipped mini's; a variant shares them")
     config = dataclasses.replace(student.config, name=name)
     path = Path(out) / VARIANT_FILES[name]
-    atomic_save_safetensors({k: v.to(dtype) for k, v in student.unet.state_dict().items()}, path,
-                            {KEY: json.dumps({"kind": "unet-variant", "config": config.to_dict()})})
+    tensors = {k: v.to(dtype) for k, v in student.unet.state_dict().items()}
+    if student.image_normalizer is not None:  # kept in fp32: 2·D numbers
+        tensors.update({NORMALIZER + k: v.float() for k, v in student.image_normalizer.state_dict().items()})
+    atomic_save_safetensors(tensors, path, {KEY: json.dumps({"kind": "unet-variant", "config": config.to_dict()})})
     return path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
